@@ -1,0 +1,1 @@
+"""Command-line interface: `kdkit train|validate|eval|report|demo`."""

@@ -1,0 +1,183 @@
+"""The run config: typed, validated once, unknown keys rejected.
+
+Every field carries its default and meaning; `kdkit.config.reference` renders them into the README's config
+reference, so the docs and the code cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from kdkit.losses.divergence import DIVERGENCE_KINDS
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AugmentConfig(Section):
+    """Augmentation applied to the training batch; teacher and student see the same augmented view."""
+
+    random_crop_padding: int = Field(0, ge=0, description="Zero-pad by this many pixels, then crop back at a random offset (0: off).")
+    hflip: bool = Field(False, description="Flip each training image horizontally with probability 0.5.")
+    random_resized_crop: Optional[tuple[float, float]] = Field(
+        None, description="Scale range (min, max) of a random-resized crop, e.g. [0.6, 1.0] (null: off).")
+
+
+class DataConfig(Section):
+    """Where the images come from and how they are split."""
+
+    source: Literal["fashion_mnist", "digits", "image_folder", "hf"] = Field(
+        "fashion_mnist", description="fashion_mnist (IDX files), digits (scikit-learn, offline), image_folder "
+        "(one sub-directory per class), hf (a Hugging Face dataset by hub ID or local directory).")
+    path: Optional[str] = Field(
+        None, description="fashion_mnist: directory with the IDX files (default: /usr/share/datasets/fashion-mnist, "
+        "then the user cache, downloading with checksums when `download`); image_folder: root with train/ "
+        "(and optional val/, test/) or class directories directly; hf: dataset ID or local directory.")
+    download: bool = Field(True, description="fashion_mnist: download from the public mirror (sha256-checked) when no local copy exists.")
+    image_column: str = Field("image", description="hf: column holding the image.")
+    label_column: str = Field("label", description="hf: column holding the integer class label.")
+    train_split: str = Field("train", description="hf: split used for training (and validation, see val_fraction).")
+    test_split: Optional[str] = Field("test", description="hf: split used for the final test (null: carve it from train).")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of the training split held out for validation (early stopping, best checkpoint).")
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Fraction carved out for test when a source has no test split (digits, image folders without test/).")
+    image_size: Optional[tuple[int, int]] = Field(
+        None, description="Size (H, W) images are stored at; null: the source's native size (28x28 Fashion-MNIST, 8x8 digits; required for image folders and hf).")
+    channels: Optional[Literal[1, 3]] = Field(None, description="Convert images to 1 (grey) or 3 (RGB) channels; null: the source's own.")
+    limit_train: Optional[int] = Field(None, gt=0, description="Use only the first N training samples (after shuffling with the seed): quick runs and data-limited studies.")
+    limit_eval: Optional[int] = Field(None, gt=0, description="Use only the first N validation and test samples.")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0: load in the main process; in-memory sources need none).")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Training-time augmentation.")
+
+
+class ModelConfig(Section):
+    """A teacher or student. Exactly one of `pretrained`, `hf_config`, `factory`, `run` says where it comes from."""
+
+    pretrained: Optional[str] = Field(
+        None, description="Hugging Face image classifier: hub ID or local save_pretrained directory (AutoModelForImageClassification).")
+    hf_config: Optional[dict[str, Any]] = Field(
+        None, description="Build a Hugging Face model from a config: {model_type: vit, hidden_size: 384, ...}, or "
+        "{base: <hub ID or dir>, num_hidden_layers: 6, ...} to start from that model's config with overrides; random weights.")
+    factory: Optional[str] = Field(None, description="Any nn.Module: 'package.module:function' or 'path/to/file.py:function', called with `kwargs`.")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for `factory`.")
+    run: Optional[str] = Field(None, description="A previous kdkit run directory: its exported student is loaded as is (e.g. a teacher trained by kdkit).")
+    image_size: Optional[tuple[int, int]] = Field(
+        None, description="Input size (H, W) the model expects; the batch is resized for it. Null: the model's own (HF config) or the data's.")
+    mean: Optional[list[float]] = Field(None, description="Per-channel normalisation mean; null: the model's image processor's, else 0.5.")
+    std: Optional[list[float]] = Field(None, description="Per-channel normalisation std; null: the model's image processor's, else 0.5.")
+    trust_remote_code: bool = Field(False, description="Allow a hub model's own code to run (off unless set here).")
+    revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit) for `pretrained`.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory where the model supports it (Hugging Face models).")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelConfig":
+        given = [k for k in ("pretrained", "hf_config", "factory", "run") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of pretrained, hf_config, factory, run (got {given or 'none'})")
+        if self.kwargs and self.factory is None:
+            raise ValueError("kwargs is only used with factory")
+        return self
+
+
+class LossTerm(Section):
+    """One weighted term of the training loss. Its name (default: its kind) is logged as a loss part."""
+
+    kind: Literal["ce", "kd", "dkd"] = Field(..., description="ce: cross-entropy on labels; kd: temperature^2 * divergence "
+                                             "between teacher and student (Hinton KD with forward_kl); dkd: decoupled KD (Zhao et al. 2022).")
+    weight: float = Field(1.0, ge=0.0, description="Multiplier of this term in the total loss.")
+    name: Optional[str] = Field(None, description="Name logged for this part (default: the kind).")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="ce: label smoothing.")
+    divergence: str = Field("forward_kl", description=f"kd: one of {', '.join(DIVERGENCE_KINDS)}.")
+    temperature: Optional[float] = Field(None, gt=0.0, description="kd/dkd: softmax temperature (null: distill.temperature).")
+    beta: float = Field(0.5, ge=0.0, le=1.0, description="kd: the JSD / skew parameter of the divergence.")
+    dkd_alpha: float = Field(1.0, ge=0.0, description="dkd: weight of target-class KD (TCKD).")
+    dkd_beta: float = Field(8.0, ge=0.0, description="dkd: weight of non-target-class KD (NCKD).")
+
+    @field_validator("divergence")
+    @classmethod
+    def _known_divergence(cls, v: str) -> str:
+        if v not in DIVERGENCE_KINDS:
+            raise ValueError(f"unknown divergence {v!r}; choose one of {', '.join(DIVERGENCE_KINDS)}")
+        return v
+
+    @property
+    def label(self) -> str:
+        return self.name or self.kind
+
+
+def _default_terms() -> list[LossTerm]:
+    return [LossTerm(kind="ce", weight=0.1), LossTerm(kind="kd", weight=0.9)]
+
+
+class DistillConfig(Section):
+    """What the student learns from. Without a teacher only the `ce` terms apply (plain supervised training)."""
+
+    temperature: float = Field(4.0, gt=0.0, description="Default softmax temperature of kd/dkd terms.")
+    terms: list[LossTerm] = Field(default_factory=_default_terms, description="Weighted loss terms; default 0.1 ce + 0.9 kd at T=4.")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "DistillConfig":
+        labels = [t.label for t in self.terms]
+        dupes = sorted({x for x in labels if labels.count(x) > 1})
+        if dupes:
+            raise ValueError(f"loss term names must be unique; give `name` to tell apart: {dupes}")
+        if not self.terms:
+            raise ValueError("at least one loss term is needed")
+        return self
+
+
+class TrainConfig(Section):
+    """The optimisation loop (runs on Accelerate)."""
+
+    epochs: float = Field(3, gt=0, description="Passes over the training data (fractions allowed); ignored when max_steps is set.")
+    max_steps: Optional[int] = Field(None, gt=0, description="Optimizer steps to take; overrides epochs.")
+    batch_size: int = Field(128, gt=0, description="Micro-batch per process.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step (global batch = batch_size x grad_accum x processes).")
+    lr: float = Field(1e-3, gt=0.0, description="Peak learning rate of AdamW.")
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    scheduler: str = Field("cosine", description="Any name transformers.get_scheduler knows: cosine, linear, constant_with_warmup, ...")
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0, description="Fraction of the steps spent warming up (used when warmup_steps is null).")
+    warmup_steps: Optional[int] = Field(None, ge=0, description="Warm-up steps (overrides warmup_ratio).")
+    max_grad_norm: Optional[float] = Field(1.0, gt=0.0, description="Clip the gradient norm to this (null: no clipping).")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Mixed precision through Accelerate.")
+    eval_every: Union[Literal["epoch"], int] = Field("epoch", description="Evaluate on the validation split every N optimizer steps, or each epoch.")
+    early_stopping_patience: Optional[int] = Field(None, ge=1, description="Stop after this many evaluations without improvement (null: never).")
+    save_every: Union[Literal["epoch"], int, None] = Field("epoch", description="Checkpoint every N optimizer steps or each epoch (null: only at the end).")
+    keep_last: int = Field(2, ge=1, description="Step checkpoints kept (the best one is kept apart).")
+    log_every: int = Field(10, ge=1, description="Write a history line every N optimizer steps.")
+    tracker: Literal["tensorboard", "none"] = Field("tensorboard", description="Where scalars go besides history.jsonl.")
+    export: Literal["last", "best"] = Field("best", description="Which weights become student/: the best on validation, or the last.")
+    progress: bool = Field(True, description="Show rich progress bars.")
+
+
+class EvalConfig(Section):
+    """Final evaluation and efficiency measurement."""
+
+    batch_size: int = Field(256, gt=0, description="Batch size for evaluation and the throughput measurement.")
+    latency_repeats: int = Field(30, ge=1, description="Single-sample forward passes timed; latency_ms is their median.")
+    warmup: int = Field(3, ge=0, description="Untimed passes before each timing.")
+    efficiency: bool = Field(True, description="Measure latency, throughput and memory (off: quality only).")
+
+
+class Config(Section):
+    """A kdkit run: `kdkit train CONFIG.yaml key.path=value ...`."""
+
+    task: Literal["classification"] = Field("classification", description="The kind of model distilled.")
+    output_dir: str = Field("runs/kdkit", description="The run directory (created; an existing finished run is refused unless --overwrite).")
+    seed: int = Field(0, description="Seeds weights, data order, augmentation and dropout.")
+    compare_baseline: bool = Field(False, description="Also train the same student without the teacher (same data, budget and seed) into <output_dir>/baseline, and report the gain.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    student: ModelConfig
+    teacher: Optional[ModelConfig] = Field(None, description="The frozen teacher (null: plain supervised training, how teachers and baselines are made).")
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _teacher_terms(self) -> "Config":
+        if self.teacher is None and self.compare_baseline:
+            raise ValueError("compare_baseline needs a teacher (a run without one already is the baseline)")
+        return self

@@ -1,0 +1,61 @@
+"""Image-classification distillation: the only place that knows the student, the teacher and the loss terms.
+
+`ClassificationDistiller.step(batch)` returns `{"loss": total, "<term>": part, ...}`; every part is logged, so a
+user sees which term moves (timm's distillation task does the same).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from kdkit.config.schema import DistillConfig, LossTerm
+from kdkit.losses import cross_entropy, dkd_loss, kd_loss
+from kdkit.models.teacher import FrozenTeacher
+
+
+def baseline_terms(cfg: DistillConfig) -> list[LossTerm]:
+    """The loss of the same student trained without a teacher: the config's ce terms (weight 1), else plain CE."""
+    ce = [t.model_copy(update={"weight": 1.0}) for t in cfg.terms if t.kind == "ce"][:1]
+    return ce or [LossTerm(kind="ce", weight=1.0)]
+
+
+class ClassificationDistiller:
+    """Holds the student (the module the trainer prepares) and, apart from it, the frozen teacher."""
+
+    def __init__(self, student: nn.Module, teacher: FrozenTeacher | None, terms: list[LossTerm], temperature: float):
+        needs_teacher = [t.label for t in terms if t.kind in ("kd", "dkd")]
+        if needs_teacher and teacher is None:
+            raise ValueError(f"loss terms {needs_teacher} need a teacher")
+        self.student = student
+        self.teacher = teacher
+        self.terms = list(terms)
+        self.temperature = temperature
+
+    def _term(self, term: LossTerm, student_logits: Tensor, teacher_logits: Tensor | None, labels: Tensor) -> Tensor:
+        t = term.temperature or self.temperature
+        if term.kind == "ce":
+            return cross_entropy(student_logits, labels, label_smoothing=term.label_smoothing)
+        if term.kind == "kd":
+            return kd_loss(student_logits, teacher_logits, temperature=t, kind=term.divergence, beta=term.beta)
+        return dkd_loss(student_logits, teacher_logits, labels, alpha=term.dkd_alpha, beta=term.dkd_beta, temperature=t)
+
+    def teacher_logits(self, pixels: Tensor) -> Tensor | None:
+        return self.teacher(pixels) if self.teacher is not None else None
+
+    def step(self, batch: dict[str, Tensor], student: Callable[[Tensor], Tensor] | None = None) -> dict[str, Tensor]:
+        """Forward both models on the same (augmented) pixels and combine the weighted terms."""
+        student = student or self.student
+        pixels, labels = batch["pixels"], batch["labels"]
+        teacher_logits = self.teacher_logits(pixels) if any(t.kind != "ce" for t in self.terms) else None
+        student_logits = student(pixels).float()  # (B, C); losses run in float32
+        if teacher_logits is not None and teacher_logits.shape != student_logits.shape:
+            raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} and student logits "
+                             f"{tuple(student_logits.shape)} differ: both must predict the same classes")
+        parts = {term.label: self._term(term, student_logits, teacher_logits, labels) for term in self.terms}
+        total = torch.zeros((), device=student_logits.device)
+        for term in self.terms:
+            total = total + term.weight * parts[term.label]
+        return {"loss": total, **parts}

@@ -1,0 +1,156 @@
+"""One run, end to end: config -> models -> data -> (baseline) -> distilled student -> evaluation -> metrics.json.
+
+`train_run` is what `kdkit train` and `kdkit demo` call; `evaluate_run` is what `kdkit eval` calls and what ends
+every training run, so a re-evaluation computes exactly what training reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from kdkit.config import Config, dump_config, load_config
+from kdkit.data import ImageData, build_image_data, make_loader
+from kdkit.distill import ClassificationDistiller, baseline_terms
+from kdkit.errors import UserError
+from kdkit.evaluate import build_metrics, classification_quality, measure_efficiency
+from kdkit.models import FrozenTeacher, build_model, fingerprint_model, load_exported, save_model
+from kdkit.train import Trainer
+
+METRICS = "metrics.json"
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+        raise UserError("train.precision: fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+    precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.train.precision]
+    return Accelerator(mixed_precision=precision)
+
+
+def _check_output_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    if not run_dir.exists() or resume:
+        return
+    started = (run_dir / "checkpoints").exists() or (run_dir / METRICS).exists()
+    if started and not overwrite:
+        raise UserError(f"output_dir {run_dir} already holds a run; pass --resume to continue it, --overwrite to "
+                        "replace it, or choose another output_dir")
+    if overwrite:
+        for name in ("checkpoints", "baseline", "student", "tensorboard", "plots", "history.jsonl", METRICS, "report.md"):
+            p = run_dir / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def load_teacher(cfg: Config, data: ImageData, device) -> FrozenTeacher | None:
+    if cfg.teacher is None:
+        return None
+    set_seed(cfg.seed)
+    model = build_model(cfg.teacher, num_classes=data.num_classes, channels=data.channels, data_size=data.image_size,
+                        role="teacher")
+    return FrozenTeacher(model, device)
+
+
+def _train_student(cfg: Config, run_dir: Path, data: ImageData, teacher: FrozenTeacher | None, acc: Accelerator,
+                   *, label: str, resume: bool, force: bool) -> None:
+    """Train one student into `run_dir` (its history, checkpoints and exported student/)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume and (run_dir / "student" / "kdkit.json").is_file() and (run_dir / "student" / ".complete").is_file():
+        acc.print(f"{label}: already finished, kept as is")
+        return
+    set_seed(cfg.seed)  # baseline and distilled students start from the same weights
+    student = build_model(cfg.student, num_classes=data.num_classes, channels=data.channels,
+                          data_size=data.image_size, role="student")
+    terms = cfg.distill.terms if teacher is not None else baseline_terms(cfg.distill)
+    distiller = ClassificationDistiller(student, teacher, terms, cfg.distill.temperature)
+    fingerprint = fingerprint_model(teacher.model) if teacher is not None else None
+    trainer = Trainer(cfg, run_dir, distiller, data, acc, teacher_fingerprint=fingerprint, label=label)
+    result = trainer.fit(resume=resume, force=force)
+    if acc.is_main_process:
+        out = save_model(trainer.student, run_dir / "student", class_names=data.class_names)
+        (out / "train.json").write_text(json.dumps({"steps": result.steps, "wall_s": round(result.wall_s, 3),
+                                                    "best": result.best, "skipped_steps": result.skipped_steps}) + "\n")
+        (out / ".complete").write_text("")
+    acc.wait_for_everyone()
+    acc.free_memory()
+
+
+def train_run(cfg: Config, *, resume: bool = False, force: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Train (baseline and) distilled student into cfg.output_dir and evaluate them; returns metrics.json's dict."""
+    run_dir = Path(cfg.output_dir).expanduser()
+    _check_output_dir(run_dir, resume=resume, overwrite=overwrite)
+    acc = make_accelerator(cfg)
+    if acc.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
+    data = build_image_data(cfg.data, cfg.seed)
+    acc.print(f"data: {len(data.train)} train / {len(data.val) if data.val is not None else 0} val / "
+              f"{len(data.test)} test, {data.num_classes} classes, {data.channels}x{data.image_size[0]}x{data.image_size[1]}")
+    teacher = load_teacher(cfg, data, acc.device)
+    if cfg.compare_baseline:
+        _train_student(cfg, run_dir / "baseline", data, None, acc, label="baseline", resume=resume, force=force)
+    _train_student(cfg, run_dir, data, teacher, acc, label="distilled" if teacher else "train", resume=resume, force=force)
+    metrics = evaluate_run(run_dir, cfg=cfg, data=data, teacher=teacher, accelerator=acc)
+    return metrics
+
+
+def _describe(model, data: ImageData, cfg: Config, loader, reference, device, efficiency: bool) -> dict[str, Any]:
+    model = model.to(device).eval()
+    out = classification_quality(model, loader, device, reference=reference)
+    if efficiency:
+        example = torch.rand(1, data.channels, *data.image_size)
+        out.update(measure_efficiency(model, example, batch_size=cfg.eval.batch_size, repeats=cfg.eval.latency_repeats,
+                                      warmup=cfg.eval.warmup, device=device))
+    return out
+
+
+def evaluate_run(run_dir: str | Path, *, cfg: Config | None = None, data: ImageData | None = None,
+                 teacher: FrozenTeacher | None = None, accelerator: Accelerator | None = None) -> dict[str, Any]:
+    """(Re-)evaluate a run's teacher, baseline and student on the test split and write metrics.json."""
+    run_dir = Path(run_dir)
+    if cfg is None:
+        if not (run_dir / "config.yaml").is_file():
+            raise UserError(f"{run_dir}: not a kdkit run directory (no config.yaml)")
+        cfg = load_config(run_dir / "config.yaml")
+    acc = accelerator or make_accelerator(cfg)
+    data = data or build_image_data(cfg.data, cfg.seed)
+    if teacher is None and cfg.teacher is not None:
+        teacher = load_teacher(cfg, data, acc.device)
+    metrics: dict[str, Any] = {}
+    if acc.is_main_process:
+        loader = make_loader(data.test, batch_size=cfg.eval.batch_size, shuffle=False, seed=cfg.seed)
+        device = acc.device
+        ref = teacher if teacher is not None else None
+        student = load_exported(run_dir, f"{run_dir}/student")
+        parts: dict[str, Any] = {"student": _describe(student, data, cfg, loader, ref, device, cfg.eval.efficiency)}
+        parts["student"].update(_train_info(run_dir / "student"))
+        if teacher is not None:
+            parts["teacher"] = _describe(teacher.model, data, cfg, loader, None, device, cfg.eval.efficiency)
+        if (run_dir / "baseline" / "student" / "kdkit.json").is_file():
+            base = load_exported(run_dir / "baseline", f"{run_dir}/baseline/student")
+            parts["baseline"] = _describe(base, data, cfg, loader, ref, device, cfg.eval.efficiency)
+            parts["baseline"].update(_train_info(run_dir / "baseline" / "student"))
+        metrics = build_metrics(cfg.task, parts["student"], teacher=parts.get("teacher"), baseline=parts.get("baseline"))
+        metrics["test_samples"] = len(data.test)
+        _write_json_atomic(run_dir / METRICS, metrics)
+    acc.wait_for_everyone()
+    return metrics
+
+
+def _train_info(student_dir: Path) -> dict[str, Any]:
+    f = student_dir / "train.json"
+    if not f.is_file():
+        return {}
+    info = json.loads(f.read_text())
+    return {"train_steps": info.get("steps"), "train_time_s": info.get("wall_s")}

@@ -1,0 +1,273 @@
+"""The training loop on Accelerate: accumulation, mixed precision, clipping, schedule, evaluation, early stopping,
+checkpoints and exact resume.
+
+Exact resume rests on three rules: the data order of an epoch is a function of (seed, epoch) and a resumed epoch
+skips the batches already consumed; each micro-batch's augmentation draws from its own generator seeded by
+(seed, epoch, step, micro-batch, rank); the global RNG (dropout) is saved with every checkpoint and restored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from transformers import get_scheduler
+
+from kdkit.config.schema import Config
+from kdkit.data import ImageData, augment_batch, make_loader, num_batches
+from kdkit.distill import ClassificationDistiller
+from kdkit.errors import UserError
+from kdkit.evaluate import classification_quality
+from kdkit.train import checkpoint as ckpt
+from kdkit.train.logging import History, Progress, make_tracker
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    best: dict[str, Any] | None
+    wall_s: float
+    skipped_steps: int
+
+
+def resume_hash(cfg: Config, teacher_fingerprint: str | None) -> str:
+    """What a resume must not change: data, models, loss, seed and the global batch."""
+    d = cfg.model_dump(mode="json")
+    keep = {k: d[k] for k in ("data", "student", "distill", "seed")}
+    keep["global_batch"] = cfg.train.batch_size * cfg.train.grad_accum
+    keep["teacher"] = teacher_fingerprint
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _augment_seed(*parts: int) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: Path, distiller: ClassificationDistiller, data: ImageData,
+                 accelerator: Accelerator, *, teacher_fingerprint: str | None = None, label: str = "train"):
+        self.cfg, self.run_dir, self.distiller, self.data, self.acc = cfg, Path(run_dir), distiller, data, accelerator
+        self.label = label
+        self.ckpt_root = self.run_dir / "checkpoints"
+        t = cfg.train
+        batches = num_batches(len(data.train), t.batch_size, accelerator.num_processes, True)
+        self.steps_per_epoch = batches // t.grad_accum
+        if self.steps_per_epoch == 0:
+            raise UserError(f"train.batch_size x train.grad_accum x processes ({t.batch_size} x {t.grad_accum} x "
+                            f"{accelerator.num_processes}) is larger than the {len(data.train)} training samples")
+        self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * self.steps_per_epoch))
+        self.config_hash = resume_hash(cfg, teacher_fingerprint)
+        self.teacher_fingerprint = teacher_fingerprint
+
+        student = distiller.student
+        params = [p for p in student.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=t.betas)
+        warmup = t.warmup_steps if t.warmup_steps is not None else int(t.warmup_ratio * self.total_steps)
+        try:
+            # Not prepared: Accelerate would step it once per process; we step it once per optimizer step.
+            self.scheduler = get_scheduler(t.scheduler, self.optimizer, num_warmup_steps=warmup,
+                                           num_training_steps=self.total_steps)
+        except (ValueError, KeyError) as err:
+            raise UserError(f"train.scheduler: {err}") from None
+        self.model, self.optimizer = accelerator.prepare(student, self.optimizer)
+        self.state = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "best_metric": None, "best_step": None,
+                      "evals_since_best": 0, "consecutive_skips": 0, "skipped_steps": 0, "elapsed_s": 0.0}
+
+    # -- checkpoints -------------------------------------------------------------------------------------------
+    def _meta(self) -> dict[str, Any]:
+        return {"step": self.state["global_step"], "config_hash": self.config_hash,
+                "teacher_fingerprint": self.teacher_fingerprint}
+
+    def save(self) -> None:
+        if self.acc.is_main_process:
+            rng = {"torch": torch.get_rng_state(), "python": json.dumps(random.getstate())}
+            if torch.cuda.is_available():
+                rng["cuda"] = torch.cuda.get_rng_state_all()
+            ckpt.write_checkpoint(
+                self.ckpt_root / f"{ckpt.PREFIX}{self.state['global_step']:07d}",
+                model_state=self.acc.unwrap_model(self.model).state_dict(),
+                objects={"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": rng},
+                state=self.state, meta=self._meta(), run_dir=self.run_dir)
+            ckpt.prune(self.ckpt_root, self.cfg.train.keep_last, self.run_dir)
+        self.acc.wait_for_everyone()
+
+    def _save_best(self) -> None:
+        if self.acc.is_main_process:
+            ckpt.write_checkpoint(self.ckpt_root / "best", model_state=self.acc.unwrap_model(self.model).state_dict(),
+                                  objects={}, state=self.state, meta=self._meta(), run_dir=self.run_dir)
+        self.acc.wait_for_everyone()
+
+    def resume(self, path: Path | None, force: bool = False) -> bool:
+        """Restore the newest complete checkpoint (or `path`); False when there is none."""
+        if path is None:
+            found = ckpt.latest_complete(self.ckpt_root)
+            if found is None:
+                return False
+            path, manifest = found
+        else:
+            manifest = ckpt.verify(path)
+            if manifest is None:
+                raise UserError(f"--resume: {path} is not a complete checkpoint (manifest missing or files corrupt)")
+        if manifest.get("config_hash") != self.config_hash and not force:
+            raise UserError(f"--resume: {path} was written with other data, models, loss, seed or global batch; "
+                            "start a new output_dir, or pass --force to resume anyway")
+        model_state, objects, state = ckpt.load_checkpoint(path)
+        self.acc.unwrap_model(self.model).load_state_dict(model_state)
+        self.optimizer.load_state_dict(objects["optimizer"])
+        self.scheduler.load_state_dict(objects["scheduler"])
+        rng = objects["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(_as_tuple(json.loads(rng["python"])))
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.state.update(state)
+        self.acc.print(f"resumed from {path} at step {self.state['global_step']}")
+        return True
+
+    # -- evaluation --------------------------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, Any] | None:
+        if self.data.val is None or len(self.data.val) == 0:
+            return None
+        model = self.acc.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        loader = make_loader(self.data.val, batch_size=self.cfg.eval.batch_size, shuffle=False, seed=self.cfg.seed)
+        with self.acc.autocast():
+            metrics = classification_quality(model, loader, self.acc.device)
+        model.train(was_training)
+        return metrics
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+    def fit(self, *, resume: bool | Path = False, force: bool = False) -> TrainResult:
+        cfg, t, acc, s = self.cfg, self.cfg.train, self.acc, self.state
+        if resume:
+            self.resume(None if resume is True else Path(resume), force=force)
+        history = History(self.run_dir / "history.jsonl", enabled=acc.is_main_process, truncate_after=s["global_step"])
+        tracker = make_tracker(t.tracker if acc.is_main_process else "none", self.run_dir / "tensorboard")
+        progress = Progress(self.label, self.total_steps, s["global_step"], enabled=t.progress and acc.is_main_process)
+        self.model.train()
+        start, elapsed0 = time.perf_counter(), s["elapsed_s"]
+        sums: dict[str, float] = {}
+        n_logged = 0
+        stop = False
+        while s["global_step"] < self.total_steps and not stop:
+            loader = make_loader(self.data.train, batch_size=t.batch_size, shuffle=True, seed=cfg.seed, epoch=s["epoch"],
+                                 rank=acc.process_index, world_size=acc.num_processes,
+                                 skip_batches=s["step_in_epoch"] * t.grad_accum, drop_last=True,
+                                 num_workers=cfg.data.num_workers)
+            batches = iter(loader)
+            while s["step_in_epoch"] < self.steps_per_epoch and s["global_step"] < self.total_steps:
+                parts = self._step([next(batches) for _ in range(t.grad_accum)])
+                s["step_in_epoch"] += 1
+                if parts is None:
+                    history.write({"kind": "skip", "step": s["global_step"], "reason": "non-finite loss or gradient"})
+                    if s["consecutive_skips"] >= 10:
+                        raise UserError("10 consecutive steps had a non-finite loss or gradient; lower train.lr or "
+                                        "use train.precision=fp32")
+                    continue
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                n_logged += 1
+                step = s["global_step"]
+                s["elapsed_s"] = elapsed0 + time.perf_counter() - start
+                if step % t.log_every == 0 or step == self.total_steps:
+                    line = {"kind": "train", "step": step, "epoch": round(step / self.steps_per_epoch, 4),
+                            "lr": self.scheduler.get_last_lr()[0], **{k: v / n_logged for k, v in sums.items()},
+                            "time_s": round(s["elapsed_s"], 3)}
+                    history.write(line)
+                    tracker.log({f"train/{k}": v for k, v in line.items() if k not in ("kind", "step")}, step)
+                    sums, n_logged = {}, 0
+                progress.update(step, parts["loss"])
+                end_of_epoch = s["step_in_epoch"] == self.steps_per_epoch
+                last = step == self.total_steps
+                if (t.eval_every == "epoch" and end_of_epoch) or (isinstance(t.eval_every, int) and step % t.eval_every == 0) or last:
+                    stop = self._eval_and_track(history, tracker) or stop
+                if (t.save_every == "epoch" and end_of_epoch) or (isinstance(t.save_every, int) and step % t.save_every == 0):
+                    if not last:
+                        self.save()
+                if stop:
+                    break
+            if s["step_in_epoch"] >= self.steps_per_epoch:
+                s["epoch"] += 1
+                s["step_in_epoch"] = 0
+        s["elapsed_s"] = elapsed0 + time.perf_counter() - start
+        self.save()
+        progress.close()
+        tracker.close()
+        self._load_export_weights()
+        best = None if s["best_step"] is None else {"step": s["best_step"], "accuracy": s["best_metric"]}
+        return TrainResult(steps=s["global_step"], best=best, wall_s=s["elapsed_s"], skipped_steps=s["skipped_steps"])
+
+    def _step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float] | None:
+        """One optimizer step over `grad_accum` micro-batches; None when it was skipped for non-finite numbers."""
+        cfg, acc, s = self.cfg, self.acc, self.state
+        n = len(micro_batches)
+        totals: dict[str, torch.Tensor] = {}
+        for i, batch in enumerate(micro_batches):
+            batch = {k: v.to(acc.device) for k, v in batch.items()}
+            gen = torch.Generator().manual_seed(
+                _augment_seed(cfg.seed, s["epoch"], s["step_in_epoch"], i, acc.process_index))
+            batch["pixels"] = augment_batch(batch["pixels"], cfg.data.augment, gen)
+            sync = nullcontext() if i == n - 1 else acc.no_sync(self.model)
+            with sync, acc.autocast():
+                out = self.distiller.step(batch, student=self.model)
+            acc.backward(out["loss"] / n)
+            for k, v in out.items():
+                totals[k] = totals.get(k, 0.0) + v.detach().float() / n
+        stacked = acc.reduce(torch.stack(list(totals.values())), reduction="mean")
+        ok = bool(torch.isfinite(stacked).all())
+        if ok and cfg.train.max_grad_norm is not None:
+            norm = acc.clip_grad_norm_(self.model.parameters(), cfg.train.max_grad_norm)
+            ok = bool(torch.isfinite(torch.as_tensor(norm)).all())
+        if ok:
+            self.optimizer.step()
+            self.scheduler.step()
+            s["global_step"] += 1
+            s["consecutive_skips"] = 0
+        else:  # the optimizer, the schedule and the step counter do not advance
+            s["consecutive_skips"] += 1
+            s["skipped_steps"] += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        return dict(zip(totals, stacked.tolist())) if ok else None
+
+    def _eval_and_track(self, history: History, tracker) -> bool:
+        """Evaluate, keep the best weights, and say whether early stopping asks to stop."""
+        s, t = self.state, self.cfg.train
+        metrics = self.evaluate()
+        if metrics is None:
+            return False
+        step = s["global_step"]
+        history.write({"kind": "eval", "step": step, "epoch": round(step / self.steps_per_epoch, 4), **metrics})
+        tracker.log({f"val/{k}": v for k, v in metrics.items()}, step)
+        if s["best_metric"] is None or metrics["accuracy"] > s["best_metric"]:
+            s["best_metric"], s["best_step"], s["evals_since_best"] = metrics["accuracy"], step, 0
+            self._save_best()
+            return False
+        s["evals_since_best"] += 1
+        if t.early_stopping_patience is not None and s["evals_since_best"] >= t.early_stopping_patience:
+            self.acc.print(f"early stopping at step {step}: no improvement in {s['evals_since_best']} evaluations")
+            return True
+        return False
+
+    def _load_export_weights(self) -> None:
+        best = self.ckpt_root / "best"
+        if self.cfg.train.export == "best" and ckpt.verify(best) is not None:
+            state, _, _ = ckpt.load_checkpoint(best)
+            self.acc.unwrap_model(self.model).load_state_dict(state)
+
+    @property
+    def student(self):
+        return self.acc.unwrap_model(self.model)
+
+
+def _as_tuple(x):
+    return tuple(_as_tuple(i) for i in x) if isinstance(x, list) else x
