@@ -25,6 +25,13 @@ class AugmentConfig(Section):
     random_resized_crop: Optional[tuple[float, float]] = Field(
         None, description="Scale range (min, max) of a random-resized crop, e.g. [0.6, 1.0] (null: off).")
 
+    @field_validator("random_resized_crop")
+    @classmethod
+    def _scale_range(cls, v):
+        if v is not None and not (0.0 < v[0] <= v[1] <= 1.0):
+            raise ValueError("needs 0 < min <= max <= 1")
+        return v
+
 
 class DataConfig(Section):
     """Where the images come from and how they are split."""
@@ -40,16 +47,25 @@ class DataConfig(Section):
     image_column: str = Field("image", description="hf: column holding the image.")
     label_column: str = Field("label", description="hf: column holding the integer class label.")
     train_split: str = Field("train", description="hf: split used for training (and validation, see val_fraction).")
+    val_split: Optional[str] = Field(None, description="hf: the dataset's own validation split (null: carve val_fraction from train).")
     test_split: Optional[str] = Field("test", description="hf: split used for the final test (null: carve it from train).")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of the training split held out for validation (early stopping, best checkpoint).")
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Fraction carved out for test when a source has no test split (digits, image folders without test/).")
     image_size: Optional[tuple[int, int]] = Field(
         None, description="Size (H, W) images are stored at; null: the source's native size (28x28 Fashion-MNIST, 8x8 digits; required for image folders and hf).")
-    channels: Optional[Literal[1, 3]] = Field(None, description="Convert images to 1 (grey) or 3 (RGB) channels; null: the source's own.")
+    channels: Optional[Literal[1, 3]] = Field(None, description="Convert images to 1 (grey) or 3 (RGB) channels; null: the source's own (image folders: 3).")
     limit_train: Optional[int] = Field(None, gt=0, description="Use only the first N training samples (after shuffling with the seed): quick runs and data-limited studies.")
     limit_eval: Optional[int] = Field(None, gt=0, description="Use only the first N validation and test samples.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0: load in the main process; in-memory sources need none).")
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Training-time augmentation.")
+
+    _size = field_validator("image_size")(classmethod(lambda cls, v: _positive_size(v)))
+
+
+def _positive_size(v):
+    if v is not None and (v[0] <= 0 or v[1] <= 0):
+        raise ValueError("height and width must be positive")
+    return v
 
 
 class ModelConfig(Section):
@@ -70,6 +86,8 @@ class ModelConfig(Section):
     trust_remote_code: bool = Field(False, description="Allow a hub model's own code to run (off unless set here).")
     revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit) for `pretrained`.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory where the model supports it (Hugging Face models).")
+
+    _size = field_validator("image_size")(classmethod(lambda cls, v: _positive_size(v)))
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelConfig":

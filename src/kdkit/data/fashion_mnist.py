@@ -127,6 +127,8 @@ def locate(path: str | None, download: bool) -> dict[str, Path]:
     """The four IDX files: data.path only if given; else the Debian package, the cache, then a download."""
     if path:
         d = Path(path).expanduser()
+        if not d.is_dir():
+            raise ConfigError([("data.path", f"{d} is not a directory (expected the four Fashion-MNIST IDX files)")])
         found, missing = _scan(d)
         if missing:
             raise ConfigError([("data.path", f"{d} lacks the Fashion-MNIST file(s) {', '.join(missing)} "

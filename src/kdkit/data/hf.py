@@ -35,7 +35,7 @@ def _open(path: str) -> dict[str, Any]:
     if isinstance(obj, datasets.Dataset):  # a single saved split
         return {"train": obj}
     if not isinstance(obj, datasets.DatasetDict):
-        raise ConfigError([("data.path", f"{path!r} loads as {type(obj).__name__}; a (map-style) DatasetDict is needed")])
+        raise ConfigError([("data.path", f"{path!r} loads as {type(obj).__name__}; a map-style DatasetDict is needed")])
     return dict(obj)
 
 
@@ -115,6 +115,8 @@ def load_hf(cfg: Any) -> SourceData:
     wanted = {"train": (cfg.train_split, "data.train_split")}
     if cfg.test_split is not None:
         wanted["test"] = (cfg.test_split, "data.test_split")
+    if getattr(cfg, "val_split", None) is not None:
+        wanted["val"] = (cfg.val_split, "data.val_split")
     for split_name, key in wanted.values():
         if split_name not in splits:
             raise ConfigError([(key, f"split {split_name!r} not in {cfg.path!r}; available splits: {sorted(splits)}")])
@@ -150,9 +152,10 @@ def load_hf(cfg: Any) -> SourceData:
             raise DataError(f"hf split {cfg.train_split!r} row 0: cannot read the image: {e}") from e
     eager = fits_in_memory(sum(len(y) for y in labels.values()), channels, size)
     build = _materialise if eager else HFImageDataset
-    data = {role: build(splits[s], s, cfg.image_column, labels[role], channels, size) for role, (s, _) in wanted.items()}
+    data = {role: build(splits[s], s, cfg.image_column, labels[role], channels, size)
+            for role, (s, _) in wanted.items()}
+    # datasets' own fingerprint (stored by save_to_disk, derived from the builder for hub data) stands for content
+    used = {s: [getattr(splits[s], "_fingerprint", None), len(splits[s])] for s, _ in wanted.values()}
     return SourceData(
-        train=data["train"], test=data.get("test"), val=None, class_names=class_names, channels=channels,
-        image_size=size,
-        identity={"path": cfg.path, "columns": [cfg.image_column, cfg.label_column],
-                  "splits": {s: [getattr(splits[s], "_fingerprint", None), len(splits[s])] for s, _ in wanted.values()}})
+        train=data["train"], test=data.get("test"), val=data.get("val"), class_names=class_names, channels=channels,
+        image_size=size, identity={"path": cfg.path, "columns": [cfg.image_column, cfg.label_column], "splits": used})

@@ -9,7 +9,9 @@ from __future__ import annotations
 from typing import Any, Iterator, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+
+from kdkit.errors import DataError
 
 
 def num_batches(n_samples: int, batch_size: int, world_size: int = 1, drop_last: bool = False) -> int:
@@ -18,7 +20,8 @@ def num_batches(n_samples: int, batch_size: int, world_size: int = 1, drop_last:
     return per_rank // batch_size if drop_last else -(-per_rank // batch_size)
 
 
-def epoch_order(n: int, *, shuffle: bool, seed: int, epoch: int = 0, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+def epoch_order(n: int, *, shuffle: bool, seed: int, epoch: int = 0, rank: int = 0,
+                world_size: int = 1) -> torch.Tensor:
     """This rank's dataset indices for the epoch, int64 (ceil(n / world_size),).
 
     randperm(n) from a generator seeded with seed + epoch (arange when not shuffling); with world_size > 1 the
@@ -69,6 +72,18 @@ def collate(samples: Sequence[tuple]) -> dict[str, torch.Tensor]:
     return batch
 
 
+class WorkerDataError(DataError):
+    """A DataError raised in a loader worker. The DataLoader re-raises it in the main process as
+    `type(e)(text with the worker's whole traceback)`; this class recovers the original message from that
+    text, so the CLI still prints one line naming the file."""
+
+    def __init__(self, message: str):
+        marker = f"{type(self).__module__}.{type(self).__qualname__}: "
+        if "Original Traceback" in message and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
+
+
 class _BatchFetch(Dataset):
     """Indexed by a whole list of indices: one call (in a worker or not) builds one batch."""
 
@@ -81,10 +96,15 @@ class _BatchFetch(Dataset):
     def __getitem__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         index = torch.tensor(indices, dtype=torch.int64)
         get_batch = getattr(self.dataset, "get_batch", None)
-        if get_batch is not None:
-            batch = get_batch(index)
-        else:
-            batch = collate([self.dataset[i] for i in indices])
+        try:
+            if get_batch is not None:
+                batch = get_batch(index)
+            else:
+                batch = collate([self.dataset[i] for i in indices])
+        except DataError as e:
+            if get_worker_info() is None or isinstance(e, WorkerDataError):
+                raise
+            raise WorkerDataError(str(e)) from e
         batch["index"] = index
         return batch
 

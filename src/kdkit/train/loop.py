@@ -39,12 +39,13 @@ class TrainResult:
     skipped_steps: int
 
 
-def resume_hash(cfg: Config, teacher_fingerprint: str | None) -> str:
-    """What a resume must not change: data, models, loss, seed and the global batch."""
+def resume_hash(cfg: Config, teacher_fingerprint: str | None, data_fingerprint: str | None = None) -> str:
+    """What a resume must not change: data (config and content), models, loss, seed and the global batch."""
     d = cfg.model_dump(mode="json")
     keep = {k: d[k] for k in ("data", "student", "distill", "seed")}
     keep["global_batch"] = cfg.train.batch_size * cfg.train.grad_accum
     keep["teacher"] = teacher_fingerprint
+    keep["data_fingerprint"] = data_fingerprint
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -65,7 +66,7 @@ class Trainer:
             raise UserError(f"train.batch_size x train.grad_accum x processes ({t.batch_size} x {t.grad_accum} x "
                             f"{accelerator.num_processes}) is larger than the {len(data.train)} training samples")
         self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * self.steps_per_epoch))
-        self.config_hash = resume_hash(cfg, teacher_fingerprint)
+        self.config_hash = resume_hash(cfg, teacher_fingerprint, data.fingerprint)
         self.teacher_fingerprint = teacher_fingerprint
 
         student = distiller.student

@@ -1,0 +1,89 @@
+"""Does distillation beat training alone on Fashion-MNIST?  Baseline, Hinton KD and DKD side by side.
+
+For each pair (the demo's CNN teacher -> tiny CNN, and the same teacher -> a small ViT: cross-architecture) and
+each seed, the student is trained three times with the same data, budget and seed: alone (baseline), with Hinton KD
+(the demo recipe's terms) and with DKD. Prints one JSON line: per pair and method the mean and std of test
+accuracy over the seeds, and the gain over the baseline.
+
+    python benchmarks/fashion_mnist_kd.py --seeds 3            # full budget of the demo recipe
+    python benchmarks/fashion_mnist_kd.py --seeds 1 --quick    # a smoke run
+
+Results are kept in benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from kdkit.cli.demo import QUICK, demo_teacher
+from kdkit.config import load_config
+from kdkit.experiment import train_run
+from kdkit.recipes import recipe_path
+
+PAIRS = {
+    "cnn_to_tiny_cnn": [],  # the demo pair as the recipe has it
+    "cnn_to_small_vit": [
+        "student.factory=null", "student.kwargs={}",
+        "student.hf_config={model_type: vit, hidden_size: 64, num_hidden_layers: 4, num_attention_heads: 4, "
+        "intermediate_size: 128, image_size: 28, patch_size: 4, hidden_dropout_prob: 0.0}",
+    ],
+}
+METHODS = {
+    "kd": [],  # the recipe's own terms (CE + Hinton KD)
+    "dkd": ["distill.terms=[{kind: ce, weight: 1.0}, {kind: dkd, weight: 1.0, dkd_alpha: 1.0, dkd_beta: 8.0}]"],
+}
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {"mean": round(statistics.fmean(values), 3), "std": round(statistics.stdev(values), 3) if len(values) > 1 else 0.0,
+            "runs": [round(v, 3) for v in values]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--pairs", nargs="*", default=list(PAIRS))
+    parser.add_argument("--quick", action="store_true", help="the demo's --quick budget (numbers meaningless)")
+    parser.add_argument("--out", default=None, help="where the runs go (default: a temporary directory)")
+    parser.add_argument("overrides", nargs="*", help="extra dotted overrides for every run, e.g. train.epochs=10")
+    args = parser.parse_args()
+
+    start = time.perf_counter()
+    root = Path(args.out or tempfile.mkdtemp(prefix="kdkit-bench-"))
+    teacher = demo_teacher(args.quick, [])
+    common = [f"teacher.run={teacher}", "train.progress=false", "eval.efficiency=false", *(QUICK if args.quick else []),
+              *args.overrides]
+    results: dict[str, dict] = {}
+    for pair in args.pairs:
+        acc: dict[str, list[float]] = {"teacher": [], "baseline": [], **{m: [] for m in METHODS}}
+        for seed in range(args.seeds):
+            for i, (method, extra) in enumerate(METHODS.items()):
+                out = root / pair / f"seed{seed}" / method
+                cfg = load_config(recipe_path("fmnist_cnn_to_tiny_cnn_kd.yaml"),
+                                  [f"output_dir={out}", f"seed={seed}", f"compare_baseline={i == 0}",
+                                   *common, *PAIRS[pair], *extra])
+                metrics = train_run(cfg, resume=True)
+                acc[method].append(metrics["student"]["accuracy"])
+                if i == 0:  # the baseline and teacher are the same for every method of this seed
+                    acc["baseline"].append(metrics["baseline"]["accuracy"])
+                    acc["teacher"].append(metrics["teacher"]["accuracy"])
+        base = statistics.fmean(acc["baseline"])
+        results[pair] = {k: summary(v) for k, v in acc.items()}
+        results[pair]["gain"] = {m: round(statistics.fmean(acc[m]) - base, 3) for m in METHODS}
+        results[pair]["train_steps"] = metrics["student"].get("train_steps")
+    print(json.dumps({"benchmark": "fashion_mnist_kd", "seeds": args.seeds, "quick": args.quick,
+                      "device": f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads (CPU)",
+                      "overrides": args.overrides, "results": results,
+                      "wall_s": round(time.perf_counter() - start, 1)}))
+
+
+if __name__ == "__main__":
+    main()
