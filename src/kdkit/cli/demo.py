@@ -11,7 +11,6 @@ import argparse
 import time
 from pathlib import Path
 
-from kdkit.errors import UserError
 from kdkit.recipes import asset_path, cache_dir, recipe_path
 
 # A tiny budget for tests: a few steps on a few hundred images, same code path as the real demo.
@@ -59,10 +58,11 @@ def run(args: argparse.Namespace) -> int:
     overrides = [f"output_dir={args.output}", f"teacher.run={teacher}", *(QUICK if args.quick else []), *args.overrides]
     cfg = load_config(recipe_path("fmnist_cnn_to_tiny_cnn_kd.yaml"), overrides)
     out = Path(cfg.output_dir)
-    if (out / "metrics.json").exists():
-        raise UserError(f"--output {out} already holds a finished run; choose another directory or remove it")
+    finished = (out / "metrics.json").exists()
+    if finished:  # the demo's own directory: a second `make demo` runs it afresh
+        print(f"replacing the finished demo run in {out}")
     print(f"kdkit demo: Fashion-MNIST, teacher {teacher}, student {cfg.student.factory} {cfg.student.kwargs}")
-    metrics = train_run(cfg, resume=(out / "checkpoints").exists())
+    metrics = train_run(cfg, resume=(out / "checkpoints").exists() and not finished, overwrite=finished)
     report = write_report(out)
     print_table(comparison_table(metrics), title="Fashion-MNIST: what distillation bought")
     gain = metrics.get("gain", {}).get("accuracy")

@@ -17,6 +17,7 @@ import torch
 
 from kdkit.data.datasets import SourceData, TensorImageDataset
 from kdkit.data.images import convert_images
+from kdkit.cache import cache_dir as kdkit_cache_dir
 from kdkit.errors import ConfigError, DataError
 
 CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -33,14 +34,8 @@ _IDX_UBYTE = 0x08
 
 
 def cache_dir() -> Path:
-    """$KDKIT_CACHE/fashion-mnist, else $XDG_CACHE_HOME/kdkit/fashion-mnist, else ~/.cache/kdkit/fashion-mnist."""
-    if os.environ.get("KDKIT_CACHE"):
-        base = Path(os.environ["KDKIT_CACHE"]).expanduser()
-    elif os.environ.get("XDG_CACHE_HOME"):
-        base = Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "kdkit"
-    else:
-        base = Path.home() / ".cache" / "kdkit"
-    return base / "fashion-mnist"
+    """<kdkit cache>/fashion-mnist."""
+    return kdkit_cache_dir() / "fashion-mnist"
 
 
 def _scan(directory: Path) -> tuple[dict[str, Path], list[str]]:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from kdkit.cache import cache_dir  # noqa: F401  (re-exported: the demo keeps trained teachers there)
 from kdkit.errors import UserError
 
 RECIPES = Path(__file__).resolve().parent
@@ -21,9 +21,3 @@ def recipe_path(name: str) -> Path:
 
 def asset_path(name: str) -> Path:
     return ASSETS / name
-
-
-def cache_dir() -> Path:
-    """$KDKIT_CACHE, else $XDG_CACHE_HOME/kdkit, else ~/.cache/kdkit."""
-    root = os.environ.get("KDKIT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kdkit"
-    return Path(root).expanduser()

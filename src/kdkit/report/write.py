@@ -127,7 +127,7 @@ def _headline(key: str, metrics: dict) -> str:
     if is_number(metrics.get("compression")):
         parts.append(f"it has {metrics['compression']:.3g}x fewer parameters than the teacher")
     if is_number(metrics.get("speedup")):
-        parts.append(f"its single-sample latency is {metrics['speedup']:.3g}x lower")
+        parts.append(f"it runs a single sample {metrics['speedup']:.3g}x as fast as the teacher")
     if not parts:
         return ""
     sentence = "; ".join(parts)
