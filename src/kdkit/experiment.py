@@ -31,6 +31,11 @@ def make_accelerator(cfg: Config) -> Accelerator:
     if cfg.train.precision == "fp16" and not torch.cuda.is_available():
         raise UserError("train.precision: fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
     precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.train.precision]
+    # Accelerate keeps one process-wide state; a second run in the same process (the demo's teacher, then its
+    # students; a benchmark; tests) may ask for another precision. The process group itself is kept.
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision=precision)
 
 
