@@ -27,10 +27,11 @@ from kdkit.train import Trainer
 METRICS = "metrics.json"
 
 
-def make_accelerator(cfg: Config) -> Accelerator:
-    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+def make_accelerator(cfg: Config, *, evaluation: bool = False) -> Accelerator:
+    """The run's Accelerator; evaluation alone needs no mixed precision (a CPU can re-evaluate an fp16 run)."""
+    if cfg.train.precision == "fp16" and not torch.cuda.is_available() and not evaluation:
         raise UserError("train.precision: fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
-    precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.train.precision]
+    precision = "no" if evaluation else {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.train.precision]
     # Accelerate keeps one process-wide state; a second run in the same process (the demo's teacher, then its
     # students; a benchmark; tests) may ask for another precision. The process group itself is kept.
     from accelerate.state import AcceleratorState
@@ -39,17 +40,40 @@ def make_accelerator(cfg: Config) -> Accelerator:
     return Accelerator(mixed_precision=precision)
 
 
-def _check_output_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+RUN_FILES = ("checkpoints", "baseline", "student", "tensorboard", "plots", "history.jsonl", METRICS, "report.md")
+
+
+def _check_output_dir(run_dir: Path, acc: Accelerator, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to train over a started run unless asked; with --overwrite, clear kdkit's own files (main process)."""
     if not run_dir.exists() or resume:
         return
-    started = (run_dir / "checkpoints").exists() or (run_dir / METRICS).exists()
+    started = any((run_dir / name).exists() for name in RUN_FILES)
     if started and not overwrite:
         raise UserError(f"output_dir {run_dir} already holds a run; pass --resume to continue it, --overwrite to "
                         "replace it, or choose another output_dir")
-    if overwrite:
-        for name in ("checkpoints", "baseline", "student", "tensorboard", "plots", "history.jsonl", METRICS, "report.md"):
+    if overwrite and acc.is_main_process:
+        for name in RUN_FILES:
             p = run_dir / name
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    acc.wait_for_everyone()
+
+
+def _absolute_paths(cfg: Config) -> Config:
+    """Local paths in the saved config made absolute, so `kdkit eval` works from any directory."""
+    def local(p: str | None) -> str | None:
+        return str(Path(p).expanduser().resolve()) if p and Path(p).expanduser().exists() else p
+
+    update: dict[str, Any] = {"data": cfg.data.model_copy(update={"path": local(cfg.data.path)})}
+    for role in ("student", "teacher"):
+        spec = getattr(cfg, role)
+        if spec is None:
+            continue
+        changes: dict[str, Any] = {"run": local(spec.run), "pretrained": local(spec.pretrained)}
+        if spec.factory and spec.factory.rpartition(":")[0].endswith(".py"):
+            file, _, fn = spec.factory.rpartition(":")
+            changes["factory"] = f"{local(file)}:{fn}"
+        update[role] = spec.model_copy(update=changes)
+    return cfg.model_copy(update=update)
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
@@ -94,8 +118,9 @@ def _train_student(cfg: Config, run_dir: Path, data: ImageData, teacher: FrozenT
 def train_run(cfg: Config, *, resume: bool = False, force: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Train (baseline and) distilled student into cfg.output_dir and evaluate them; returns metrics.json's dict."""
     run_dir = Path(cfg.output_dir).expanduser()
-    _check_output_dir(run_dir, resume=resume, overwrite=overwrite)
     acc = make_accelerator(cfg)
+    _check_output_dir(run_dir, acc, resume=resume, overwrite=overwrite)
+    cfg = _absolute_paths(cfg)
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(cfg))
@@ -128,7 +153,7 @@ def evaluate_run(run_dir: str | Path, *, cfg: Config | None = None, data: ImageD
         if not (run_dir / "config.yaml").is_file():
             raise UserError(f"{run_dir}: not a kdkit run directory (no config.yaml)")
         cfg = load_config(run_dir / "config.yaml")
-    acc = accelerator or make_accelerator(cfg)
+    acc = accelerator or make_accelerator(cfg, evaluation=True)
     data = data or build_image_data(cfg.data, cfg.seed)
     if teacher is None and cfg.teacher is not None:
         teacher = load_teacher(cfg, data, acc.device)

@@ -74,3 +74,23 @@ def test_python_dash_m_is_the_same_program(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "kdkit", "validate", str(bad)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "train.epochs" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_missing_files_are_config_errors(tmp_path):
+    cfg = tiny_config(tmp_path / "run", teacher={"run": str(tmp_path / "no_run")})
+    cfg["student"] = {"factory": f"{tmp_path / 'nofile.py'}:f"}
+    cfg["data"] = {"source": "image_folder", "path": str(tmp_path / "nodata")}
+    path = write_yaml(tmp_path / "c.yaml", cfg)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    paths = {p for p, _ in err.value.problems}
+    assert {"teacher.run", "student.factory", "data.path", "data.image_size"} <= paths
+
+
+@pytest.mark.parametrize("override,path", [("train.eval_every=0", "train.eval_every"), ("train.save_every=-3", "train.save_every"),
+                                           ("train.betas=[1.5, 0.9]", "train.betas"), ("train.scheduler=nope", "train.scheduler")])
+def test_loop_settings_checked_before_training(tmp_path, override, path):
+    cfg_path = write_yaml(tmp_path / "c.yaml", tiny_config(tmp_path / "run"))
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg_path, [override])
+    assert [p for p, _ in err.value.problems] == [path]  # one line per key, even for union-typed keys

@@ -4,7 +4,8 @@ from transformers import AutoConfig, AutoModelForImageClassification
 
 from kdkit.config.schema import ModelConfig
 from kdkit.errors import UserError
-from kdkit.models import FrozenTeacher, build_model, count_parameters, load_exported, save_model
+from kdkit.evaluate import count_params as count_parameters
+from kdkit.models import FrozenTeacher, build_model, load_exported, save_model
 
 from conftest import TINY
 
@@ -98,3 +99,23 @@ def test_frozen_teacher_gives_no_gradients_yet_usable_targets():
     loss = torch.nn.functional.kl_div(student(x).log_softmax(-1), target.softmax(-1), reduction="batchmean")
     loss.backward()  # teacher outputs work as targets though computed under inference mode
     assert all(p.grad is None for p in teacher.model.parameters())
+
+
+def test_wrong_class_count_is_caught_before_training():
+    with pytest.raises(UserError, match="student: the model outputs shape \\(1, 3\\)"):
+        _build({"factory": f"{TINY}:tiny_mlp", "kwargs": {"num_classes": 3}})
+    with pytest.raises(UserError, match="teacher.factory: fmnist_cnn"):
+        _build({"factory": "kdkit.models.zoo:fmnist_cnn", "kwargs": {"width": 0}}, role="teacher", size=(28, 28))
+    with pytest.raises(UserError, match="forward pass"):  # a 28x28 model on 8x8 data
+        _build({"factory": f"{TINY}:tiny_mlp", "kwargs": {"size": 28}})
+
+
+def test_broken_export_is_a_user_error(tmp_path):
+    model = _build({"factory": f"{TINY}:tiny_mlp"})
+    save_model(model, tmp_path / "s")
+    (tmp_path / "s" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(UserError, match="does not load"):
+        load_exported(tmp_path / "s", "teacher.run")
+    (tmp_path / "s" / "kdkit.json").write_text("{not json")
+    with pytest.raises(UserError, match="malformed"):
+        load_exported(tmp_path / "s", "teacher.run")

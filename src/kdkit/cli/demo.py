@@ -61,13 +61,22 @@ def run(args: argparse.Namespace) -> int:
     finished = (out / "metrics.json").exists()
     if finished:  # the demo's own directory: a second `make demo` runs it afresh
         print(f"replacing the finished demo run in {out}")
-    print(f"kdkit demo: Fashion-MNIST, teacher {teacher}, student {cfg.student.factory} {cfg.student.kwargs}")
-    metrics = train_run(cfg, resume=(out / "checkpoints").exists() and not finished, overwrite=finished)
+    labelled = f"{cfg.data.limit_train:,} labelled training images" if cfg.data.limit_train else "all training images"
+    print(f"kdkit demo: Fashion-MNIST. Teacher: {teacher} (trained by kdkit on all training images). Student: "
+          f"{cfg.student.factory} {cfg.student.kwargs}, trained twice on {labelled} with the same steps and seed: "
+          f"alone (baseline), then distilled ({', '.join(f'{t.weight} {t.label}' for t in cfg.distill.terms)}, "
+          f"T={cfg.distill.temperature:g}).")
+    from kdkit.experiment import RUN_FILES
+
+    started = any((out / name).exists() for name in RUN_FILES)
+    metrics = train_run(cfg, resume=started and not finished, overwrite=finished)
+    if not metrics:  # not the main process
+        return 0
     report = write_report(out)
     print_table(comparison_table(metrics), title="Fashion-MNIST: what distillation bought")
     gain = metrics.get("gain", {}).get("accuracy")
     if gain is not None:
-        print(f"distilled - baseline accuracy: {gain:+.2f} points "
-              f"(same student, data, steps and seed; {metrics.get('compression', 0):.1f}x fewer parameters than the teacher)")
+        print(f"distilled - baseline test accuracy: {gain:+.2f} points (same student, data, steps and seed; the student "
+              f"has {metrics.get('compression', 0):.1f}x fewer parameters than the teacher)")
     print(f"run directory: {out}   report: {report}   wall time: {time.perf_counter() - start:.0f} s")
     return 0

@@ -12,6 +12,10 @@ from kdkit.config.schema import Config
 from kdkit.errors import ConfigError
 
 
+_UNION_TAGS = {"int", "float", "str", "bool", "none", "list[str]", "tuple[int, int]", "tuple[float, float]",
+               "constrained-int", "dict[str,any]"}
+
+
 def _dotted(loc: tuple) -> str:
     parts: list[str] = []
     for p in loc:
@@ -55,12 +59,15 @@ def validate(raw: Any, source: str | None = None) -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as err:
-        problems = []
+        merged: dict[str, list[str]] = {}
         for e in err.errors():
             msg = e["msg"].removeprefix("Value error, ")
             if e["type"] == "extra_forbidden":
                 msg = "unknown key"
-            problems.append((_dotted(e["loc"]), msg))
+            # a union field reports once per member (`train.eval_every.int`, `...literal['epoch']`): one path
+            loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and (p in _UNION_TAGS or p.startswith(("literal[", "function-")))))
+            merged.setdefault(_dotted(loc), []).append(msg)
+        problems = [(path, "; or ".join(dict.fromkeys(msgs))) for path, msgs in merged.items()]
         raise ConfigError(problems, source) from None
 
 
@@ -75,6 +82,32 @@ def read_yaml(path: str | Path) -> dict:
     return raw if raw is not None else {}
 
 
+def file_problems(cfg: Config) -> list[tuple[str, str]]:
+    """What a config names on disk and is missing, found before any training starts (hub IDs are not checked)."""
+    problems: list[tuple[str, str]] = []
+    for role in ("student", "teacher"):
+        spec = getattr(cfg, role)
+        if spec is None:
+            continue
+        if spec.factory and spec.factory.rpartition(":")[0].endswith(".py"):
+            f = Path(spec.factory.rpartition(":")[0]).expanduser()
+            if not f.is_file():
+                problems.append((f"{role}.factory", f"file not found: {f}"))
+        if spec.run is not None:
+            d = Path(spec.run).expanduser()
+            if not ((d / "kdkit.json").is_file() or (d / "student" / "kdkit.json").is_file()):
+                problems.append((f"{role}.run", f"{d} is not a finished kdkit run (no student/kdkit.json); train it first "
+                                                "(a run without a teacher) or point to one"))
+    d = cfg.data
+    if d.source in ("image_folder", "hf") and not d.path:
+        problems.append(("data.path", f"source {d.source} needs a path"))
+    if d.source in ("image_folder", "hf") and d.image_size is None:
+        problems.append(("data.image_size", f"source {d.source} needs the size [H, W] images are stored at"))
+    if d.path and d.source in ("image_folder", "fashion_mnist") and not Path(d.path).expanduser().is_dir():
+        problems.append(("data.path", f"directory not found: {d.path}"))
+    return problems
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read, override and validate a config file; raises ConfigError listing every problem."""
     raw = read_yaml(path)
@@ -85,6 +118,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         cfg = validate(raw, str(path))
     except ConfigError as err:
         raise ConfigError(problems + err.problems, str(path)) from None
+    problems += file_problems(cfg)
     if problems:
         raise ConfigError(problems, str(path))
     return cfg

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
 from kdkit.losses.divergence import DIVERGENCE_KINDS
 
@@ -155,20 +155,37 @@ class TrainConfig(Section):
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step (global batch = batch_size x grad_accum x processes).")
     lr: float = Field(1e-3, gt=0.0, description="Peak learning rate of AdamW.")
     weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay.")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1).")
     scheduler: str = Field("cosine", description="Any name transformers.get_scheduler knows: cosine, linear, constant_with_warmup, ...")
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0, description="Fraction of the steps spent warming up (used when warmup_steps is null).")
     warmup_steps: Optional[int] = Field(None, ge=0, description="Warm-up steps (overrides warmup_ratio).")
     max_grad_norm: Optional[float] = Field(1.0, gt=0.0, description="Clip the gradient norm to this (null: no clipping).")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Mixed precision through Accelerate.")
-    eval_every: Union[Literal["epoch"], int] = Field("epoch", description="Evaluate on the validation split every N optimizer steps, or each epoch.")
+    eval_every: Union[Literal["epoch"], PositiveInt] = Field("epoch", description="Evaluate on the validation split every N optimizer steps, or each epoch.")
     early_stopping_patience: Optional[int] = Field(None, ge=1, description="Stop after this many evaluations without improvement (null: never).")
-    save_every: Union[Literal["epoch"], int, None] = Field("epoch", description="Checkpoint every N optimizer steps or each epoch (null: only at the end).")
+    save_every: Union[Literal["epoch"], PositiveInt, None] = Field("epoch", description="Checkpoint every N optimizer steps or each epoch (null: only at the end).")
     keep_last: int = Field(2, ge=1, description="Step checkpoints kept (the best one is kept apart).")
     log_every: int = Field(10, ge=1, description="Write a history line every N optimizer steps.")
     tracker: Literal["tensorboard", "none"] = Field("tensorboard", description="Where scalars go besides history.jsonl.")
     export: Literal["last", "best"] = Field("best", description="Which weights become student/: the best on validation, or the last.")
     progress: bool = Field(True, description="Show rich progress bars.")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v):
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError("each beta must be in [0, 1)")
+        return v
+
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler(cls, v):
+        from transformers import SchedulerType
+
+        known = [s.value for s in SchedulerType]
+        if v not in known:
+            raise ValueError(f"unknown scheduler {v!r}; transformers.get_scheduler knows: {', '.join(known)}")
+        return v
 
 
 class EvalConfig(Section):

@@ -180,6 +180,12 @@ def measure_efficiency(model: nn.Module, example: Tensor, *, batch_size: int, re
             if cuda:
                 sync()
                 torch.cuda.reset_peak_memory_stats(device)
+                # Other models of the run may sit on the same device: count only this model's weights and the
+                # memory its forward passes take, not what was allocated before by anything else.
+                storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                            for t in model.state_dict().values() if isinstance(t, Tensor) and t.is_cuda}
+                own = sum(storages.values())
+                others = torch.cuda.memory_allocated(device) - own
             # The untimed first batch is inside the memory window: it is where new memory is taken from the
             # system; later batches reuse what the allocator keeps, so RSS growth would otherwise read ~0.
             with _RssPeak() as rss:
@@ -194,7 +200,7 @@ def measure_efficiency(model: nn.Module, example: Tensor, *, batch_size: int, re
                     if elapsed >= MIN_THROUGHPUT_S and n >= MIN_THROUGHPUT_BATCHES:
                         break
             throughput = n * batch_size / elapsed
-            peak = torch.cuda.max_memory_allocated(device) if cuda else rss.growth_bytes
+            peak = torch.cuda.max_memory_allocated(device) - others if cuda else rss.growth_bytes
     finally:
         for m, training in saved:
             m.training = training

@@ -85,6 +85,8 @@ def comparison_table(metrics: dict) -> list[list[str]]:
         rows.append([label, *(_cell(key, _value(models[c], key)) for c in COLUMNS), DASH])
     rows.append(["Compression", DASH, DASH, _ratio(_value(metrics, "compression")), DASH])
     rows.append(["Speed-up", DASH, DASH, _ratio(_value(metrics, "speedup")), DASH])
+    if not metrics.get("teacher") and not metrics.get("baseline"):
+        rows[0][3] = "Student"  # plain supervised training (a teacher or a baseline being made): nothing was distilled
     return rows
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_model as load_safetensors_model, save_model as save_safetensors_model
 from torch import nn
 
 from kdkit.config.schema import ModelConfig
@@ -72,8 +72,8 @@ def _call_factory(fn, kwargs: dict, num_classes: int, channels: int, where: str)
             kwargs[name] = value
     try:
         net = fn(**kwargs)
-    except TypeError as err:
-        raise UserError(f"{where}: {err}") from None
+    except (TypeError, ValueError) as err:  # bad kwargs: the user's to fix
+        raise UserError(f"{where}: {fn.__name__}(**kwargs) failed: {err}") from None
     if not isinstance(net, nn.Module):
         raise UserError(f"{where}: the factory returned {type(net).__name__}, not an nn.Module")
     return net
@@ -155,19 +155,27 @@ def load_exported(path: str | Path, where: str) -> ImageClassifier:
     meta_file = path / KDKIT_JSON
     if not meta_file.is_file():
         raise UserError(f"{where}: {path} is not a kdkit run or exported model (no {KDKIT_JSON})")
-    meta = json.loads(meta_file.read_text())
-    pre = dict(image_size=meta["image_size"], mean=meta["mean"], std=meta["std"], num_classes=meta["num_classes"])
-    if meta["format"] == "hf":
+    try:
+        meta = json.loads(meta_file.read_text())
+        pre = dict(image_size=meta["image_size"], mean=meta["mean"], std=meta["std"], num_classes=meta["num_classes"])
+        fmt = meta["format"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{where}: {meta_file} is malformed ({type(err).__name__}: {err})") from None
+    if fmt == "hf":
         from transformers import AutoModelForImageClassification
 
-        net = AutoModelForImageClassification.from_pretrained(path)
+        try:
+            net = AutoModelForImageClassification.from_pretrained(path)
+        except Exception as err:
+            raise UserError(f"{where}: cannot load the model in {path}: {err}") from None
         return ImageClassifier(net, is_hf=True, spec={"format": "hf"}, **pre)
     fn = resolve_factory(meta["factory"], where)
     net = _call_factory(fn, meta.get("kwargs", {}), meta["num_classes"], len(meta["mean"]), where)
-    state = load_file(str(path / "model.safetensors"))
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise UserError(f"{where}: weights in {path} do not fit {meta['factory']} (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    try:
+        load_safetensors_model(net, str(path / "model.safetensors"))
+    except Exception as err:  # missing, corrupt or not fitting the factory's module
+        raise UserError(f"{where}: {path / 'model.safetensors'} does not load into {meta['factory']}: "
+                        f"{str(err).splitlines()[0][:300]}") from None
     return ImageClassifier(net, is_hf=False, spec={"format": "module", "factory": meta["factory"], "kwargs": meta.get("kwargs", {})}, **pre)
 
 
@@ -202,7 +210,27 @@ def build_model(spec: ModelConfig, *, num_classes: int, channels: int, data_size
     if len(mean) != len(std):
         raise UserError(f"{where}.mean/{where}.std: lengths differ ({len(mean)} vs {len(std)})")
     size = _pair(spec.image_size) or pre.get("image_size") or tuple(data_size)
-    return ImageClassifier(net, image_size=size, mean=mean, std=std, num_classes=num_classes, is_hf=is_hf, spec=meta)
+    model = ImageClassifier(net, image_size=size, mean=mean, std=std, num_classes=num_classes, is_hf=is_hf, spec=meta)
+    check_output(model, channels, data_size, where)
+    return model
+
+
+def check_output(model: ImageClassifier, channels: int, data_size: tuple[int, int], where: str) -> None:
+    """One forward on zeros before any training: a model that does not map the data to (B, num_classes) is the
+    config's problem, said now rather than as a shape error after the baseline has trained."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():  # no randomness is drawn: exact resume and seeding are untouched
+            out = model(torch.zeros(1, channels, *data_size))
+    except Exception as err:
+        raise UserError(f"{where}: a forward pass on a {channels}x{data_size[0]}x{data_size[1]} batch failed: "
+                        f"{type(err).__name__}: {str(err).splitlines()[0][:300]}") from None
+    finally:
+        model.train(was_training)
+    if tuple(out.shape) != (1, model.num_classes):
+        raise UserError(f"{where}: the model outputs shape {tuple(out.shape)} for one sample, but the data has "
+                        f"{model.num_classes} classes (check num_classes in its kwargs or config)")
 
 
 def save_model(model: ImageClassifier, out_dir: str | Path, *, class_names: list[str] | None = None) -> Path:
@@ -218,8 +246,7 @@ def save_model(model: ImageClassifier, out_dir: str | Path, *, class_names: list
         net.save_pretrained(out_dir)
         _save_image_processor(model, out_dir)
     else:
-        state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
-        save_file(state, str(out_dir / "model.safetensors"))
+        save_safetensors_model(net, str(out_dir / "model.safetensors"))  # tied weights stored once
     (out_dir / KDKIT_JSON).write_text(json.dumps(meta, indent=2) + "\n")
     return out_dir
 

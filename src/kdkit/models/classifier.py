@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from kdkit.data import preprocess
@@ -41,11 +40,3 @@ class ImageClassifier(nn.Module):
 
     def preprocessing(self) -> dict[str, Any]:
         return {"image_size": list(self.image_size), "mean": self.mean, "std": self.std, "num_classes": self.num_classes}
-
-    def example_input(self, channels: int, size: tuple[int, int], device: torch.device | str = "cpu") -> Tensor:
-        """One raw sample (1, C, H, W) as the data produces it, for efficiency measurements."""
-        return torch.rand(1, channels, *size, device=device)
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())

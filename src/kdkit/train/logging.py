@@ -44,10 +44,11 @@ class NullTracker:
 
 
 class TensorBoardTracker:
-    def __init__(self, log_dir: Path):
+    def __init__(self, log_dir: Path, purge_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(log_dir))
+        # purge_step: a resumed run hides the events written after its checkpoint, as history.jsonl drops them
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
     def log(self, values: dict[str, float], step: int) -> None:
         for k, v in values.items():
@@ -58,15 +59,16 @@ class TensorBoardTracker:
         self.writer.close()
 
 
-def make_tracker(kind: str, log_dir: Path):
-    return TensorBoardTracker(log_dir) if kind == "tensorboard" else NullTracker()
+def make_tracker(kind: str, log_dir: Path, purge_step: int | None = None):
+    return TensorBoardTracker(log_dir, purge_step) if kind == "tensorboard" else NullTracker()
 
 
 class Progress:
     """A rich progress bar over optimizer steps, showing the loss; silent when disabled."""
 
-    def __init__(self, label: str, total: int, completed: int = 0, *, enabled: bool = True):
+    def __init__(self, label: str, total: int, completed: int = 0, *, enabled: bool = True, quiet: bool = False):
         self.bar = None
+        self.quiet = quiet  # other ranks say nothing
         if not enabled:
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -80,6 +82,15 @@ class Progress:
     def update(self, step: int, loss: float) -> None:
         if self.bar is not None:
             self.bar.update(self.task, completed=step, loss=f"{loss:.4f}")
+
+    def log(self, text: str) -> None:
+        """A line above the bar (or plain print when there is no bar)."""
+        if self.quiet:
+            return
+        if self.bar is not None:
+            self.bar.console.print(text)
+        else:
+            print(text, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

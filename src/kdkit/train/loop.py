@@ -39,11 +39,13 @@ class TrainResult:
     skipped_steps: int
 
 
-def resume_hash(cfg: Config, teacher_fingerprint: str | None, data_fingerprint: str | None = None) -> str:
-    """What a resume must not change: data (config and content), models, loss, seed and the global batch."""
+def resume_hash(cfg: Config, teacher_fingerprint: str | None, data_fingerprint: str | None = None,
+                num_processes: int = 1) -> str:
+    """What a resume must not change: data (config and content), models, loss, seed and the global batch
+    (micro-batch, accumulation and processes: each changes which samples a step takes)."""
     d = cfg.model_dump(mode="json")
     keep = {k: d[k] for k in ("data", "student", "distill", "seed")}
-    keep["global_batch"] = cfg.train.batch_size * cfg.train.grad_accum
+    keep["global_batch"] = [cfg.train.batch_size, cfg.train.grad_accum, num_processes]
     keep["teacher"] = teacher_fingerprint
     keep["data_fingerprint"] = data_fingerprint
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
@@ -66,7 +68,7 @@ class Trainer:
             raise UserError(f"train.batch_size x train.grad_accum x processes ({t.batch_size} x {t.grad_accum} x "
                             f"{accelerator.num_processes}) is larger than the {len(data.train)} training samples")
         self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * self.steps_per_epoch))
-        self.config_hash = resume_hash(cfg, teacher_fingerprint, data.fingerprint)
+        self.config_hash = resume_hash(cfg, teacher_fingerprint, data.fingerprint, accelerator.num_processes)
         self.teacher_fingerprint = teacher_fingerprint
 
         student = distiller.student
@@ -81,7 +83,8 @@ class Trainer:
             raise UserError(f"train.scheduler: {err}") from None
         self.model, self.optimizer = accelerator.prepare(student, self.optimizer)
         self.state = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "best_metric": None, "best_step": None,
-                      "evals_since_best": 0, "consecutive_skips": 0, "skipped_steps": 0, "elapsed_s": 0.0}
+                      "evals_since_best": 0, "consecutive_skips": 0, "skipped_steps": 0, "elapsed_s": 0.0,
+                      "stopped_early": False, "log_sums": {}, "log_count": 0}
 
     # -- checkpoints -------------------------------------------------------------------------------------------
     def _meta(self) -> dict[str, Any]:
@@ -153,13 +156,16 @@ class Trainer:
         if resume:
             self.resume(None if resume is True else Path(resume), force=force)
         history = History(self.run_dir / "history.jsonl", enabled=acc.is_main_process, truncate_after=s["global_step"])
-        tracker = make_tracker(t.tracker if acc.is_main_process else "none", self.run_dir / "tensorboard")
-        progress = Progress(self.label, self.total_steps, s["global_step"], enabled=t.progress and acc.is_main_process)
+        tracker = make_tracker(t.tracker if acc.is_main_process else "none", self.run_dir / "tensorboard",
+                               purge_step=s["global_step"] + 1 if resume else None)
+        progress = Progress(self.label, self.total_steps, s["global_step"], enabled=t.progress and acc.is_main_process,
+                            quiet=not acc.is_main_process)
+        self.progress = progress
         self.model.train()
         start, elapsed0 = time.perf_counter(), s["elapsed_s"]
-        sums: dict[str, float] = {}
-        n_logged = 0
-        stop = False
+        # the running means of the next history line live in the state, so a resumed run logs the same numbers
+        sums: dict[str, float] = s["log_sums"]
+        stop = s["stopped_early"]
         while s["global_step"] < self.total_steps and not stop:
             loader = make_loader(self.data.train, batch_size=t.batch_size, shuffle=True, seed=cfg.seed, epoch=s["epoch"],
                                  rank=acc.process_index, world_size=acc.num_processes,
@@ -177,21 +183,23 @@ class Trainer:
                     continue
                 for k, v in parts.items():
                     sums[k] = sums.get(k, 0.0) + v
-                n_logged += 1
+                s["log_count"] += 1
                 step = s["global_step"]
                 s["elapsed_s"] = elapsed0 + time.perf_counter() - start
                 if step % t.log_every == 0 or step == self.total_steps:
                     line = {"kind": "train", "step": step, "epoch": round(step / self.steps_per_epoch, 4),
-                            "lr": self.scheduler.get_last_lr()[0], **{k: v / n_logged for k, v in sums.items()},
+                            "lr": self.scheduler.get_last_lr()[0], **{k: v / s["log_count"] for k, v in sums.items()},
                             "time_s": round(s["elapsed_s"], 3)}
                     history.write(line)
                     tracker.log({f"train/{k}": v for k, v in line.items() if k not in ("kind", "step")}, step)
-                    sums, n_logged = {}, 0
+                    sums.clear()
+                    s["log_count"] = 0
                 progress.update(step, parts["loss"])
                 end_of_epoch = s["step_in_epoch"] == self.steps_per_epoch
                 last = step == self.total_steps
                 if (t.eval_every == "epoch" and end_of_epoch) or (isinstance(t.eval_every, int) and step % t.eval_every == 0) or last:
                     stop = self._eval_and_track(history, tracker) or stop
+                    s["stopped_early"] = stop
                 if (t.save_every == "epoch" and end_of_epoch) or (isinstance(t.save_every, int) and step % t.save_every == 0):
                     if not last:
                         self.save()
@@ -224,13 +232,22 @@ class Trainer:
             acc.backward(out["loss"] / n)
             for k, v in out.items():
                 totals[k] = totals.get(k, 0.0) + v.detach().float() / n
-        stacked = acc.reduce(torch.stack(list(totals.values())), reduction="mean")
+        stacked = acc.reduce(torch.stack(list(totals.values())), reduction="mean")  # the same on every rank
         ok = bool(torch.isfinite(stacked).all())
-        if ok and cfg.train.max_grad_norm is not None:
-            norm = acc.clip_grad_norm_(self.model.parameters(), cfg.train.max_grad_norm)
-            ok = bool(torch.isfinite(torch.as_tensor(norm)).all())
-        if ok:
+        if acc.scaler is not None:
+            # fp16: the grad scaler unscales once (in clipping) and must then see optimizer.step(), which it skips
+            # by itself on inf/NaN gradients while lowering the scale; ask it afterwards whether it stepped.
+            if cfg.train.max_grad_norm is not None:
+                acc.clip_grad_norm_(self.model.parameters(), cfg.train.max_grad_norm)
             self.optimizer.step()
+            ok = ok and not acc.optimizer_step_was_skipped
+        else:
+            if ok and cfg.train.max_grad_norm is not None:
+                norm = acc.clip_grad_norm_(self.model.parameters(), cfg.train.max_grad_norm)
+                ok = bool(torch.isfinite(torch.as_tensor(norm)).all())
+            if ok:
+                self.optimizer.step()
+        if ok:
             self.scheduler.step()
             s["global_step"] += 1
             s["consecutive_skips"] = 0
@@ -247,7 +264,10 @@ class Trainer:
         if metrics is None:
             return False
         step = s["global_step"]
-        history.write({"kind": "eval", "step": step, "epoch": round(step / self.steps_per_epoch, 4), **metrics})
+        epoch = round(step / self.steps_per_epoch, 4)
+        history.write({"kind": "eval", "step": step, "epoch": epoch, **metrics})
+        self.progress.log(f"{self.label}: step {step} (epoch {epoch:g}) validation accuracy {metrics['accuracy']:.2f}%, "
+                          f"loss {metrics['loss']:.4f}")
         tracker.log({f"val/{k}": v for k, v in metrics.items()}, step)
         if s["best_metric"] is None or metrics["accuracy"] > s["best_metric"]:
             s["best_metric"], s["best_step"], s["evals_since_best"] = metrics["accuracy"], step, 0
