@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from kdkit.cli.demo import QUICK, demo_teacher
+from kdkit.cli.main import quiet_libraries
 from kdkit.config import load_config
 from kdkit.experiment import train_run
 from kdkit.recipes import recipe_path
@@ -55,6 +56,7 @@ def summary(values: list[float]) -> dict[str, float]:
 
 def run_unit(pair: str, seed: int, root: str, common: list[str], threads: int | None) -> dict[str, float]:
     """Baseline, KD and DKD of one (pair, seed): test accuracies."""
+    quiet_libraries()
     if threads:
         torch.set_num_threads(threads)
     acc: dict[str, float] = {}
@@ -81,6 +83,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="where the runs go (default: a temporary directory)")
     parser.add_argument("overrides", nargs="*", help="extra dotted overrides for every run, e.g. train.epochs=10")
     args = parser.parse_args()
+    quiet_libraries()
 
     start = time.perf_counter()
     root = Path(args.out or tempfile.mkdtemp(prefix="kdkit-bench-"))

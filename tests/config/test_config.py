@@ -94,3 +94,13 @@ def test_loop_settings_checked_before_training(tmp_path, override, path):
     with pytest.raises(ConfigError) as err:
         load_config(cfg_path, [override])
     assert [p for p, _ in err.value.problems] == [path]  # one line per key, even for union-typed keys
+
+
+def test_overrides_may_follow_options(tmp_path, capsys):
+    good = write_yaml(tmp_path / "good.yaml", tiny_config(tmp_path / "run"))
+    assert main(["validate", str(good), "--print", "train.lr=0.5"]) == 0
+    assert "lr: 0.5" in capsys.readouterr().out
+    assert main(["validate", str(good), "--print", "train.lr=-1"]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        main(["validate", str(good), "--bogus"])
+    assert exit_.value.code == 2

@@ -15,7 +15,7 @@ from kdkit import __version__
 from kdkit.errors import UserError
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", message=".*torchvision.*")
@@ -41,8 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    _quiet_libraries()
+    # Overrides may come after options too (`kdkit train c.yaml --resume train.epochs=3`): argparse leaves such
+    # trailing key=value words over, and they join the overrides; anything else is still an error.
+    args, extra = parser.parse_known_args(argv)
+    stray = [w for w in extra if w.startswith("-") or "=" not in w or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    quiet_libraries()
     try:
         return int(args.run(args) or 0)
     except UserError as err:

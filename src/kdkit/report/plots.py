@@ -94,6 +94,9 @@ def plot_quality_vs_params(path: Path, key: str, metrics: dict) -> Path:
             drawn = True
     if drawn:
         ax.set_xscale("log")
+        from matplotlib.ticker import NullFormatter
+
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels (2x10^4, 3x10^4, ...) overlap
         ax.set_xlabel("parameters")
         ax.set_ylabel(f"test {key}" + (" (%)" if key != "perplexity" else ""))
         ax.margins(x=0.3, y=0.2)
