@@ -17,6 +17,7 @@ Results are kept in benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -64,7 +65,8 @@ def run_unit(pair: str, seed: int, root: str, common: list[str], threads: int | 
         out = Path(root) / pair / f"seed{seed}" / method
         cfg = load_config(recipe_path("fmnist_cnn_to_tiny_cnn_kd.yaml"),
                           [f"output_dir={out}", f"seed={seed}", f"compare_baseline={i == 0}", *common, *PAIRS[pair], *extra])
-        metrics = train_run(cfg, resume=True)
+        with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the one JSON line
+            metrics = train_run(cfg, resume=True)
         acc[method] = metrics["student"]["accuracy"]
         if i == 0:  # the baseline and the teacher are the same for every method of this seed
             acc["baseline"] = metrics["baseline"]["accuracy"]
@@ -87,7 +89,8 @@ def main() -> None:
 
     start = time.perf_counter()
     root = Path(args.out or tempfile.mkdtemp(prefix="kdkit-bench-"))
-    teacher = demo_teacher(args.quick, [])
+    with contextlib.redirect_stdout(sys.stderr):
+        teacher = demo_teacher(args.quick, [])
     common = [f"teacher.run={teacher}", "train.progress=false", "eval.efficiency=false", *(QUICK if args.quick else []),
               *args.overrides]
     units = [(pair, seed) for pair in args.pairs for seed in range(args.seeds)]
