@@ -43,12 +43,16 @@ def make_accelerator(cfg: Config, *, evaluation: bool = False) -> Accelerator:
 RUN_FILES = ("checkpoints", "baseline", "student", "tensorboard", "plots", "history.jsonl", METRICS, "report.md")
 
 
+def run_started(run_dir: Path) -> bool:
+    """Whether a directory already holds (part of) a kdkit run."""
+    return any((Path(run_dir) / name).exists() for name in RUN_FILES)
+
+
 def _check_output_dir(run_dir: Path, acc: Accelerator, *, resume: bool, overwrite: bool) -> None:
     """Refuse to train over a started run unless asked; with --overwrite, clear kdkit's own files (main process)."""
     if not run_dir.exists() or resume:
         return
-    started = any((run_dir / name).exists() for name in RUN_FILES)
-    if started and not overwrite:
+    if run_started(run_dir) and not overwrite:
         raise UserError(f"output_dir {run_dir} already holds a run; pass --resume to continue it, --overwrite to "
                         "replace it, or choose another output_dir")
     if overwrite and acc.is_main_process:
@@ -69,9 +73,8 @@ def _absolute_paths(cfg: Config) -> Config:
         if spec is None:
             continue
         changes: dict[str, Any] = {"run": local(spec.run), "pretrained": local(spec.pretrained)}
-        if spec.factory and spec.factory.rpartition(":")[0].endswith(".py"):
-            file, _, fn = spec.factory.rpartition(":")
-            changes["factory"] = f"{local(file)}:{fn}"
+        if spec.factory_file is not None:
+            changes["factory"] = f"{local(spec.factory_file)}:{spec.factory.rpartition(':')[2]}"
         update[role] = spec.model_copy(update=changes)
     return cfg.model_copy(update=update)
 

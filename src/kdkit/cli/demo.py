@@ -50,7 +50,7 @@ def demo_teacher(quick: bool, overrides: list[str]) -> Path:
 def run(args: argparse.Namespace) -> int:
     from kdkit.config import load_config
     from kdkit.evaluate import comparison_table, print_table
-    from kdkit.experiment import train_run
+    from kdkit.experiment import run_started, train_run
     from kdkit.report import write_report
 
     start = time.perf_counter()
@@ -66,10 +66,7 @@ def run(args: argparse.Namespace) -> int:
           f"{cfg.student.factory} {cfg.student.kwargs}, trained twice on {labelled} with the same steps and seed: "
           f"alone (baseline), then distilled ({', '.join(f'{t.weight} {t.label}' for t in cfg.distill.terms)}, "
           f"T={cfg.distill.temperature:g}).")
-    from kdkit.experiment import RUN_FILES
-
-    started = any((out / name).exists() for name in RUN_FILES)
-    metrics = train_run(cfg, resume=started and not finished, overwrite=finished)
+    metrics = train_run(cfg, resume=run_started(out) and not finished, overwrite=finished)
     if not metrics:  # not the main process
         return 0
     report = write_report(out)

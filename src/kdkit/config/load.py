@@ -89,8 +89,8 @@ def file_problems(cfg: Config) -> list[tuple[str, str]]:
         spec = getattr(cfg, role)
         if spec is None:
             continue
-        if spec.factory and spec.factory.rpartition(":")[0].endswith(".py"):
-            f = Path(spec.factory.rpartition(":")[0]).expanduser()
+        if spec.factory_file is not None:
+            f = Path(spec.factory_file).expanduser()
             if not f.is_file():
                 problems.append((f"{role}.factory", f"file not found: {f}"))
         if spec.run is not None:

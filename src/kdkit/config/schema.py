@@ -89,6 +89,14 @@ class ModelConfig(Section):
 
     _size = field_validator("image_size")(classmethod(lambda cls, v: _positive_size(v)))
 
+    @property
+    def factory_file(self) -> Optional[str]:
+        """The file of a 'path/file.py:function' factory (None for 'package.module:function' or no factory)."""
+        if self.factory is None:
+            return None
+        file = self.factory.rpartition(":")[0]
+        return file if file.endswith(".py") else None
+
     @model_validator(mode="after")
     def _one_source(self) -> "ModelConfig":
         given = [k for k in ("pretrained", "hf_config", "factory", "run") if getattr(self, k) is not None]
