@@ -1,5 +1,6 @@
 """Tiny models for tests, loaded through the 'path/file.py:function' factory route."""
 
+import torch
 from torch import nn
 
 
@@ -30,3 +31,51 @@ class _Flaky(nn.Module):
 
 def flaky_mlp(num_classes: int = 10, in_channels: int = 1, size: int = 8, bad_calls: tuple = (2, 3)) -> nn.Module:
     return _Flaky(tiny_mlp(num_classes, in_channels, size, hidden=8, dropout=0.0), tuple(bad_calls))
+
+
+class _MemoryLimited(nn.Module):
+    """Raises the out-of-memory error a GPU would for training batches above `max_batch`: exercises batch_size auto."""
+
+    def __init__(self, net: nn.Module, max_batch: int):
+        super().__init__()
+        self.net, self.max_batch = net, max_batch
+
+    def forward(self, x):
+        if self.training and x.shape[0] > self.max_batch:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (simulated: batch {x.shape[0]} > {self.max_batch})")
+        return self.net(x)
+
+
+def memory_limited_mlp(num_classes: int = 10, in_channels: int = 1, size: int = 8, max_batch: int = 20,
+                       dropout: float = 0.3) -> nn.Module:
+    return _MemoryLimited(tiny_mlp(num_classes, in_channels, size, hidden=8, dropout=dropout), max_batch)
+
+
+class _GradBomb(nn.Module):
+    """Finite outputs whose gradient is NaN on chosen training calls: a non-finite gradient with a finite loss."""
+
+    def __init__(self, net: nn.Module, bad_calls: tuple[int, ...]):
+        super().__init__()
+        self.net, self.bad_calls, self.calls = net, set(bad_calls), 0
+
+    def forward(self, x):
+        out = self.net(x)
+        if self.training:
+            self.calls += 1
+            if self.calls in self.bad_calls:
+                return _NanGrad.apply(out)
+        return out
+
+
+class _NanGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def nan_grad_mlp(num_classes: int = 10, in_channels: int = 1, size: int = 8, bad_calls: tuple = (2,)) -> nn.Module:
+    return _GradBomb(tiny_mlp(num_classes, in_channels, size, hidden=8, dropout=0.0), tuple(bad_calls))

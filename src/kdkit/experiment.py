@@ -37,10 +37,13 @@ def make_accelerator(cfg: Config, *, evaluation: bool = False) -> Accelerator:
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=precision)
+    # Several processes without CUDA: Accelerate only forms the (gloo) process group when told it runs on CPUs.
+    cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    return Accelerator(mixed_precision=precision, cpu=cpu)
 
 
-RUN_FILES = ("checkpoints", "baseline", "student", "tensorboard", "plots", "history.jsonl", METRICS, "report.md")
+RUN_FILES = ("checkpoints", "baseline", "student", "tensorboard", "plots", "history.jsonl", METRICS, "report.md",
+             "auto_batch.json")
 
 
 def run_started(run_dir: Path) -> bool:
@@ -48,18 +51,40 @@ def run_started(run_dir: Path) -> bool:
     return any((Path(run_dir) / name).exists() for name in RUN_FILES)
 
 
-def _check_output_dir(run_dir: Path, acc: Accelerator, *, resume: bool, overwrite: bool) -> None:
-    """Refuse to train over a started run unless asked; with --overwrite, clear kdkit's own files (main process)."""
-    if not run_dir.exists() or resume:
-        return
-    if run_started(run_dir) and not overwrite:
+def _refuse_started_run(run_dir: Path, *, resume: bool, overwrite: bool) -> bool:
+    """Whether output_dir holds a run that --overwrite will clear; refused without --resume or --overwrite."""
+    started = run_dir.exists() and not resume and run_started(run_dir)
+    if started and not overwrite:
         raise UserError(f"output_dir {run_dir} already holds a run; pass --resume to continue it, --overwrite to "
                         "replace it, or choose another output_dir")
-    if overwrite and acc.is_main_process:
+    return started
+
+
+def _clear_run(run_dir: Path, acc: Accelerator) -> None:
+    """--overwrite: delete kdkit's own files (main process), once every rank has looked at the directory."""
+    acc.wait_for_everyone()
+    if acc.is_main_process:
         for name in RUN_FILES:
             p = run_dir / name
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     acc.wait_for_everyone()
+
+
+def _refuse_changed_resume(cfg: Config, run_dir: Path, data: ImageData, teacher: FrozenTeacher | None,
+                           acc: Accelerator, force: bool) -> None:
+    """--resume of a run whose data, models, loss, seed or global batch changed: refused before anything is written
+    (the trainer checks again, per student, when it loads the checkpoint)."""
+    from kdkit.train import checkpoint as ckpt
+    from kdkit.train.loop import resume_hash
+
+    if force or cfg.train.batch_size == "auto":
+        return
+    fingerprint = fingerprint_model(teacher.model) if teacher is not None else None
+    for sub, fp in ((run_dir / "baseline", None), (run_dir, fingerprint)):
+        found = ckpt.latest_complete(sub / "checkpoints")
+        if found and found[1].get("config_hash") != resume_hash(cfg, fp, data.fingerprint, acc.num_processes):
+            raise UserError(f"--resume: {found[0]} was written with other data, models, loss, seed or global batch; "
+                            "start a new output_dir, or pass --force to resume anyway")
 
 
 def _absolute_paths(cfg: Config) -> Config:
@@ -101,11 +126,9 @@ def _train_student(cfg: Config, run_dir: Path, data: ImageData, teacher: FrozenT
     if resume and (run_dir / "student" / "kdkit.json").is_file() and (run_dir / "student" / ".complete").is_file():
         acc.print(f"{label}: already finished, kept as is")
         return
-    set_seed(cfg.seed)  # baseline and distilled students start from the same weights
-    student = build_model(cfg.student, num_classes=data.num_classes, channels=data.channels,
-                          data_size=data.image_size, role="student")
-    terms = cfg.distill.terms if teacher is not None else baseline_terms(cfg.distill)
-    distiller = ClassificationDistiller(student, teacher, terms, cfg.distill.temperature)
+    distiller = _distiller(cfg, data, teacher)
+    if acc.process_index:  # each rank its own dropout masks (rank 0 keeps the single-process stream)
+        torch.manual_seed(cfg.seed + 1_000_003 * acc.process_index)
     fingerprint = fingerprint_model(teacher.model) if teacher is not None else None
     trainer = Trainer(cfg, run_dir, distiller, data, acc, teacher_fingerprint=fingerprint, label=label)
     result = trainer.fit(resume=resume, force=force)
@@ -118,19 +141,48 @@ def _train_student(cfg: Config, run_dir: Path, data: ImageData, teacher: FrozenT
     acc.free_memory()
 
 
+def _distiller(cfg: Config, data: ImageData, teacher: FrozenTeacher | None) -> ClassificationDistiller:
+    set_seed(cfg.seed)  # baseline and distilled students start from the same weights
+    student = build_model(cfg.student, num_classes=data.num_classes, channels=data.channels,
+                          data_size=data.image_size, role="student")
+    terms = cfg.distill.terms if teacher is not None else baseline_terms(cfg.distill)
+    return ClassificationDistiller(student, teacher, terms, cfg.distill.temperature)
+
+
+def _resolve_batch_size(cfg: Config, run_dir: Path, data: ImageData, teacher: FrozenTeacher | None,
+                        acc: Accelerator) -> Config:
+    if cfg.train.batch_size != "auto":
+        return cfg
+    from kdkit.data import augment_batch
+    from kdkit.train.autobatch import resolve_batch_size, training_trial
+
+    distiller = _distiller(cfg, data, teacher)
+    augment = lambda pixels: augment_batch(pixels, cfg.data.augment, torch.Generator().manual_seed(0))  # noqa: E731
+    resolved = resolve_batch_size(cfg, run_dir, acc, training_trial(distiller, data.train, acc, augment))
+    del distiller
+    return resolved
+
+
 def train_run(cfg: Config, *, resume: bool = False, force: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Train (baseline and) distilled student into cfg.output_dir and evaluate them; returns metrics.json's dict."""
     run_dir = Path(cfg.output_dir).expanduser()
     acc = make_accelerator(cfg)
-    _check_output_dir(run_dir, acc, resume=resume, overwrite=overwrite)
+    clear = _refuse_started_run(run_dir, resume=resume, overwrite=overwrite)
     cfg = _absolute_paths(cfg)
-    if acc.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
+    # Data and teacher first: a bad file or model fails here, before anything in output_dir is touched.
     data = build_image_data(cfg.data, cfg.seed)
     acc.print(f"data: {len(data.train)} train / {len(data.val) if data.val is not None else 0} val / "
               f"{len(data.test)} test, {data.num_classes} classes, {data.channels}x{data.image_size[0]}x{data.image_size[1]}")
     teacher = load_teacher(cfg, data, acc.device)
+    if resume:
+        _refuse_changed_resume(cfg, run_dir, data, teacher, acc, force)
+    if clear:
+        _clear_run(run_dir, acc)
+    if acc.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
+    acc.wait_for_everyone()
+    cfg = _resolve_batch_size(cfg, run_dir, data, teacher, acc)
     if cfg.compare_baseline:
         _train_student(cfg, run_dir / "baseline", data, None, acc, label="baseline", resume=resume, force=force)
     _train_student(cfg, run_dir, data, teacher, acc, label="distilled" if teacher else "train", resume=resume, force=force)

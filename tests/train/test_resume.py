@@ -12,7 +12,8 @@ from kdkit.config import validate
 from kdkit.experiment import train_run
 from kdkit.train import checkpoint as ckpt
 
-from conftest import tiny_config
+from conftest import tiny_config, write_yaml
+from procs import PY, kill_9_after
 
 
 def _cfg(out):
@@ -37,15 +38,15 @@ def straight(tmp_path_factory):
 
 
 @pytest.mark.parametrize("stop_at", [10, 25])  # mid-epoch, and exactly at the end of epoch 0
-def test_resume_is_bit_identical(tmp_path, straight, stop_at):
-    # What a kill right after the checkpoint at `stop_at` leaves behind: no later checkpoint, no exported student.
+def test_kill_9_then_resume_is_bit_identical(tmp_path, straight, stop_at):
+    config = write_yaml(tmp_path / "victim.yaml", _cfg(tmp_path / "victim").model_dump(mode="json"))
+    kill_9_after([*PY, "train", str(config), "--no-report"], tmp_path / "victim" / "checkpoints", stop_at)
     victim = tmp_path / "victim"
-    shutil.copytree(straight, victim)
+    assert not (victim / "student").exists()  # the kill landed before the run's end
+    # it landed at some moment after `stop_at`; resume from exactly there, as if it had landed right after it
     for d in ckpt.step_checkpoints(victim / "checkpoints"):
         if int(d.name.split("-")[1]) > stop_at:
             shutil.rmtree(d)
-    shutil.rmtree(victim / "student")
-    (victim / "metrics.json").unlink()
     (victim / "checkpoints" / ".tmp-step-0000999-1").mkdir()  # a half-written checkpoint is ignored
     train_run(_cfg(victim), resume=True)
 

@@ -14,7 +14,8 @@ from kdkit.losses.divergence import DIVERGENCE_KINDS
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan are never meaningful settings (a rate of inf, a mean of nan): rejected like any bad number
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class AugmentConfig(Section):
@@ -36,24 +37,26 @@ class AugmentConfig(Section):
 class DataConfig(Section):
     """Where the images come from and how they are split."""
 
-    source: Literal["fashion_mnist", "digits", "image_folder", "hf"] = Field(
+    source: Literal["fashion_mnist", "digits", "image_folder", "hf", "jsonl"] = Field(
         "fashion_mnist", description="fashion_mnist (IDX files), digits (scikit-learn, offline), image_folder "
-        "(one sub-directory per class), hf (a Hugging Face dataset by hub ID or local directory).")
+        "(one sub-directory per class), hf (a Hugging Face dataset by hub ID or local directory), jsonl (a manifest: "
+        "one {\"image\": path, \"label\": class name or id} object per line).")
     path: Optional[str] = Field(
         None, description="fashion_mnist: directory with the IDX files (default: /usr/share/datasets/fashion-mnist, "
         "then the user cache, downloading with checksums when `download`); image_folder: root with train/ "
-        "(and optional val/, test/) or class directories directly; hf: dataset ID or local directory.")
+        "(and optional val/, test/) or class directories directly; hf: dataset ID or local directory; jsonl: the .jsonl "
+        "file (image paths are relative to its directory).")
     download: bool = Field(True, description="fashion_mnist: download from the public mirror (sha256-checked) when no local copy exists.")
-    image_column: str = Field("image", description="hf: column holding the image.")
-    label_column: str = Field("label", description="hf: column holding the integer class label.")
+    image_column: str = Field("image", description="hf: column holding the image; jsonl: field holding the image path.")
+    label_column: str = Field("label", description="hf: column holding the integer class label; jsonl: field holding the class name or id.")
     train_split: str = Field("train", description="hf: split used for training (and validation, see val_fraction).")
     val_split: Optional[str] = Field(None, description="hf: the dataset's own validation split (null: carve val_fraction from train).")
     test_split: Optional[str] = Field("test", description="hf: split used for the final test (null: carve it from train).")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of the training split held out for validation (early stopping, best checkpoint).")
-    test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Fraction carved out for test when a source has no test split (digits, image folders without test/).")
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Fraction carved out for test when a source has no test split (digits, jsonl, image folders without test/).")
     image_size: Optional[tuple[int, int]] = Field(
-        None, description="Size (H, W) images are stored at; null: the source's native size (28x28 Fashion-MNIST, 8x8 digits; required for image folders and hf).")
-    channels: Optional[Literal[1, 3]] = Field(None, description="Convert images to 1 (grey) or 3 (RGB) channels; null: the source's own (image folders: 3).")
+        None, description="Size (H, W) images are stored at; null: the source's native size (28x28 Fashion-MNIST, 8x8 digits; required for image folders, hf and jsonl).")
+    channels: Optional[Literal[1, 3]] = Field(None, description="Convert images to 1 (grey) or 3 (RGB) channels; null: the source's own (image folders, jsonl: 3).")
     limit_train: Optional[int] = Field(None, gt=0, description="Use only the first N training samples (after shuffling with the seed): quick runs and data-limited studies.")
     limit_eval: Optional[int] = Field(None, gt=0, description="Use only the first N validation and test samples.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0: load in the main process; in-memory sources need none).")
@@ -159,8 +162,14 @@ class TrainConfig(Section):
 
     epochs: float = Field(3, gt=0, description="Passes over the training data (fractions allowed); ignored when max_steps is set.")
     max_steps: Optional[int] = Field(None, gt=0, description="Optimizer steps to take; overrides epochs.")
-    batch_size: int = Field(128, gt=0, description="Micro-batch per process.")
+    batch_size: Union[PositiveInt, Literal["auto"]] = Field(
+        128, description="Micro-batch per process, or auto: the largest micro-batch whose teacher forward and student "
+        "backward fit in accelerator memory, with accumulation keeping global_batch_size (found once, kept in "
+        "<output_dir>/auto_batch.json for resumes).")
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step (global batch = batch_size x grad_accum x processes).")
+    global_batch_size: Optional[PositiveInt] = Field(
+        None, description="With batch_size: auto, the samples per optimizer step over all processes (required then; "
+        "ignored otherwise).")
     lr: float = Field(1e-3, gt=0.0, description="Peak learning rate of AdamW.")
     weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1).")
@@ -168,6 +177,8 @@ class TrainConfig(Section):
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0, description="Fraction of the steps spent warming up (used when warmup_steps is null).")
     warmup_steps: Optional[int] = Field(None, ge=0, description="Warm-up steps (overrides warmup_ratio).")
     max_grad_norm: Optional[float] = Field(1.0, gt=0.0, description="Clip the gradient norm to this (null: no clipping).")
+    max_consecutive_skips: int = Field(10, ge=1, description="A step whose loss or gradient is not finite is skipped (nothing advances); "
+                                       "after this many in a row the run stops with an error.")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Mixed precision through Accelerate.")
     eval_every: Union[Literal["epoch"], PositiveInt] = Field("epoch", description="Evaluate on the validation split every N optimizer steps, or each epoch.")
     early_stopping_patience: Optional[int] = Field(None, ge=1, description="Stop after this many evaluations without improvement (null: never).")
@@ -194,6 +205,12 @@ class TrainConfig(Section):
         if v not in known:
             raise ValueError(f"unknown scheduler {v!r}; transformers.get_scheduler knows: {', '.join(known)}")
         return v
+
+    @model_validator(mode="after")
+    def _auto_batch(self) -> "TrainConfig":
+        if self.batch_size == "auto" and self.global_batch_size is None:
+            raise ValueError("batch_size: auto needs global_batch_size (the samples per optimizer step to keep)")
+        return self
 
 
 class EvalConfig(Section):

@@ -1,4 +1,5 @@
-"""Image data: sources (Fashion-MNIST, digits, image folders, Hugging Face), seeded splits, loaders, augmentation.
+"""Image data: sources (Fashion-MNIST, digits, image folders, Hugging Face, JSON Lines manifests), seeded splits,
+loaders, augmentation.
 
 Every dataset item is (image uint8 (C, H, W), label int); a loader batch is {"pixels": float32 (B, C, H, W) in
 [0, 1], "labels": int64 (B,), "index": int64 (B,)}.

@@ -60,6 +60,9 @@ def _load_source(cfg: DataConfig) -> SourceData:
     if cfg.source == "hf":
         from kdkit.data.hf import load_hf
         return load_hf(cfg)
+    if cfg.source == "jsonl":
+        from kdkit.data.manifest import load_jsonl_images
+        return load_jsonl_images(cfg.path, cfg.channels, size, cfg.image_column, cfg.label_column)
     raise DataError(f"unknown data source {cfg.source!r}")  # unreachable: the schema restricts it
 
 

@@ -8,13 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
-
-from kdkit.data.datasets import FileImageDataset, SourceData, TensorImageDataset, fits_in_memory
-from kdkit.data.images import load_image_file
+from kdkit.data.datasets import SourceData, file_datasets
 from kdkit.errors import ConfigError, DataError
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
@@ -54,20 +50,6 @@ def _scan_split(folder: Path, classes: list[str], *, defines_classes: bool) -> t
     return paths, labels
 
 
-def _load_all(paths: list[Path], channels: int, size: tuple[int, int]) -> torch.Tensor:
-    """Decode every file -> uint8 (N, C, H, W); the first unreadable one raises DataError naming it."""
-    out = torch.empty((len(paths), channels, *size), dtype=torch.uint8)
-
-    def load(i: int) -> None:
-        out[i] = load_image_file(paths[i], channels, size)
-
-    # PIL releases the GIL while decoding, so threads give a real speed-up on many small files
-    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        for _ in pool.map(load, range(len(paths))):
-            pass
-    return out
-
-
 def load_image_folder(path: str | None, channels: int | None, image_size: tuple[int, int] | None) -> SourceData:
     """The splits of an image folder; channels default to 3 (RGB), image_size is required."""
     problems = []
@@ -95,14 +77,7 @@ def load_image_folder(path: str | None, channels: int | None, image_size: tuple[
             if (root / split).is_dir():
                 scanned[split] = _scan_split(root / split, classes, defines_classes=False)
 
-    total = sum(len(p) for p, _ in scanned.values())
-    eager = fits_in_memory(total, channels, size)
-    datasets = {}
-    for split, (paths, labels) in scanned.items():
-        if eager:
-            datasets[split] = TensorImageDataset(_load_all(paths, channels, size), torch.tensor(labels))
-        else:
-            datasets[split] = FileImageDataset(paths, labels, channels, size)
+    datasets = file_datasets(scanned, channels, size)
 
     # relative names, sizes and labels define the data (the root may move without changing it)
     h = hashlib.sha256()

@@ -49,7 +49,8 @@ def _progress(loader: Iterable, enabled: bool):
 @torch.inference_mode()
 def classification_quality(model: Callable[[Tensor], Tensor], loader: Iterable[dict], device: Any = None, *,
                            reference: Callable[[Tensor], Tensor] | None = None, progress: bool = False,
-                           gather: Callable[[Tensor], Tensor] | None = None) -> dict:
+                           gather: Callable[[Tensor], Tensor] | None = None,
+                           reduce: Callable[[Tensor], Tensor] | None = None) -> dict:
     """Evaluate a classifier over `loader`.
 
     Batches are dicts with "pixels" (B, C, H, W) and "labels" (B,); they are moved to `device` (None: left where
@@ -60,7 +61,8 @@ def classification_quality(model: Callable[[Tensor], Tensor], loader: Iterable[d
     `gather` (e.g. `accelerator.gather_for_metrics`) is applied once per batch to a per-sample (B, 4) tensor of
     [correct@1, correct@k, loss, agree]. Per-sample rather than per-batch sums on purpose: gather_for_metrics
     drops the samples a distributed sampler duplicated to pad the last batch, which it can only do along the
-    sample dimension, so the totals then count every sample exactly once.
+    sample dimension, so the totals then count every sample exactly once. `reduce` (e.g. a sum over processes
+    that each evaluated a disjoint shard) is applied once to the float64 totals instead.
     """
     saved = _eval_modes(model, reference)
     totals: Tensor | None = None
@@ -90,6 +92,8 @@ def classification_quality(model: Callable[[Tensor], Tensor], loader: Iterable[d
         for sub, training in saved:
             sub.training = training
 
+    if reduce is not None:
+        totals = reduce(totals if totals is not None else torch.zeros(5, dtype=torch.float64, device=device))
     if totals is None or totals[-1].item() == 0:
         raise DataError("the evaluation data yielded no samples (check the split sizes and data.limit_eval)")
     c1, c5, loss_sum, agree, n = totals.tolist()

@@ -9,6 +9,7 @@ Four sources, one result (an `ImageClassifier`):
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.util
 import inspect
@@ -103,6 +104,18 @@ def _hf_preprocessing(path: str, revision: str | None, trust: bool) -> dict:
     return out
 
 
+def _check_image_model_type(model_type: Any, where: str) -> None:
+    """UserError naming `where` unless transformers has an image classifier of this model_type (with a hint)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+
+    known = sorted(MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES)
+    if model_type in known:
+        return
+    close = difflib.get_close_matches(str(model_type), known, n=3)
+    hint = f"did you mean {' or '.join(close)}?" if close else f"image classifiers: {', '.join(known)}"
+    raise UserError(f"{where}: transformers has no image classifier of model type {model_type!r}; {hint}")
+
+
 def _hf_model(spec: ModelConfig, num_classes: int, channels: int, where: str, role: str) -> tuple[nn.Module, dict]:
     from transformers import AutoConfig, AutoModelForImageClassification
 
@@ -132,6 +145,7 @@ def _hf_model(spec: ModelConfig, num_classes: int, channels: int, where: str, ro
             model_type = overrides.pop("model_type", None)
             if model_type is None:
                 raise UserError(f"{where}.hf_config: give model_type (e.g. vit, resnet, mobilevit) or base")
+            _check_image_model_type(model_type, f"{where}.hf_config.model_type")
             if "num_channels" not in overrides:
                 overrides["num_channels"] = channels
             cfg = AutoConfig.for_model(model_type, **overrides)

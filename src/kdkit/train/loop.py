@@ -3,7 +3,11 @@ checkpoints and exact resume.
 
 Exact resume rests on three rules: the data order of an epoch is a function of (seed, epoch) and a resumed epoch
 skips the batches already consumed; each micro-batch's augmentation draws from its own generator seeded by
-(seed, epoch, step, micro-batch, rank); the global RNG (dropout) is saved with every checkpoint and restored.
+(seed, epoch, step, micro-batch, rank); every rank's global RNG (dropout) is saved with every checkpoint and
+restored on that rank.
+
+Every decision that changes control flow (skip a non-finite step, stop on a signal, keep the best weights,
+stop early) is taken on numbers reduced across processes, so all ranks take it at the same step.
 """
 
 from __future__ import annotations
@@ -24,11 +28,13 @@ from transformers import get_scheduler
 
 from kdkit.config.schema import Config
 from kdkit.data import ImageData, augment_batch, make_loader, num_batches
+from kdkit.data.datasets import subset
 from kdkit.distill import ClassificationDistiller
 from kdkit.errors import UserError
 from kdkit.evaluate import classification_quality
 from kdkit.train import checkpoint as ckpt
 from kdkit.train.logging import History, Progress, make_tracker
+from kdkit.train.signals import GracefulStop, Interrupted
 
 
 @dataclass
@@ -41,11 +47,15 @@ class TrainResult:
 
 def resume_hash(cfg: Config, teacher_fingerprint: str | None, data_fingerprint: str | None = None,
                 num_processes: int = 1) -> str:
-    """What a resume must not change: data (config and content), models, loss, seed and the global batch
-    (micro-batch, accumulation and processes: each changes which samples a step takes)."""
+    """What a resume must not change: data (config and content), models, loss, seed and the global batch.
+
+    The samples an optimizer step takes depend only on the global batch (batch_size x grad_accum x processes:
+    see kdkit.data.loader), so a run may resume on another number of processes with the accumulation adjusted;
+    it then sees the same samples per step, though not bit-identically (augmentation and dropout are per rank).
+    """
     d = cfg.model_dump(mode="json")
     keep = {k: d[k] for k in ("data", "student", "distill", "seed")}
-    keep["global_batch"] = [cfg.train.batch_size, cfg.train.grad_accum, num_processes]
+    keep["global_batch"] = cfg.train.batch_size * cfg.train.grad_accum * num_processes
     keep["teacher"] = teacher_fingerprint
     keep["data_fingerprint"] = data_fingerprint
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
@@ -82,6 +92,7 @@ class Trainer:
         except (ValueError, KeyError) as err:
             raise UserError(f"train.scheduler: {err}") from None
         self.model, self.optimizer = accelerator.prepare(student, self.optimizer)
+        self.stop_signal = 0  # set by _step when any rank received SIGINT/SIGTERM
         self.state = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "best_metric": None, "best_step": None,
                       "evals_since_best": 0, "consecutive_skips": 0, "skipped_steps": 0, "elapsed_s": 0.0,
                       "stopped_early": False, "log_sums": {}, "log_count": 0}
@@ -91,22 +102,30 @@ class Trainer:
         return {"step": self.state["global_step"], "config_hash": self.config_hash,
                 "teacher_fingerprint": self.teacher_fingerprint}
 
-    def save(self) -> None:
+    def save(self) -> Path:
+        """Checkpoint the current step (every rank must call it: states are gathered to the main process)."""
+        from accelerate.utils import gather_object
+
+        rng = {"torch": torch.get_rng_state(), "python": json.dumps(random.getstate())}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        ranks = gather_object([rng])  # one entry per process, in rank order
+        model_state = self.acc.get_state_dict(self.model)  # a collective under FSDP / DeepSpeed
+        path = self.ckpt_root / f"{ckpt.PREFIX}{self.state['global_step']:07d}"
         if self.acc.is_main_process:
-            rng = {"torch": torch.get_rng_state(), "python": json.dumps(random.getstate())}
-            if torch.cuda.is_available():
-                rng["cuda"] = torch.cuda.get_rng_state_all()
             ckpt.write_checkpoint(
-                self.ckpt_root / f"{ckpt.PREFIX}{self.state['global_step']:07d}",
-                model_state=self.acc.unwrap_model(self.model).state_dict(),
-                objects={"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": rng},
+                path, model_state=model_state,
+                objects={"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                         "rng": {"ranks": ranks}},
                 state=self.state, meta=self._meta(), run_dir=self.run_dir)
             ckpt.prune(self.ckpt_root, self.cfg.train.keep_last, self.run_dir)
         self.acc.wait_for_everyone()
+        return path
 
     def _save_best(self) -> None:
+        model_state = self.acc.get_state_dict(self.model)
         if self.acc.is_main_process:
-            ckpt.write_checkpoint(self.ckpt_root / "best", model_state=self.acc.unwrap_model(self.model).state_dict(),
+            ckpt.write_checkpoint(self.ckpt_root / "best", model_state=model_state,
                                   objects={}, state=self.state, meta=self._meta(), run_dir=self.run_dir)
         self.acc.wait_for_everyone()
 
@@ -128,7 +147,11 @@ class Trainer:
         self.acc.unwrap_model(self.model).load_state_dict(model_state)
         self.optimizer.load_state_dict(objects["optimizer"])
         self.scheduler.load_state_dict(objects["scheduler"])
-        rng = objects["rng"]
+        ranks = objects["rng"]["ranks"]
+        if len(ranks) != self.acc.num_processes:
+            self.acc.print(f"note: the checkpoint has RNG states of {len(ranks)} processes, this run has "
+                           f"{self.acc.num_processes}: dropout will not repeat the original run's")
+        rng = ranks[self.acc.process_index % len(ranks)]
         torch.set_rng_state(rng["torch"])
         random.setstate(_as_tuple(json.loads(rng["python"])))
         if "cuda" in rng and torch.cuda.is_available():
@@ -144,9 +167,12 @@ class Trainer:
         model = self.acc.unwrap_model(self.model)
         was_training = model.training
         model.eval()
-        loader = make_loader(self.data.val, batch_size=self.cfg.eval.batch_size, shuffle=False, seed=self.cfg.seed)
+        # each process evaluates a disjoint shard (no padding, so no sample counts twice); the totals are summed
+        shard = subset(self.data.val, torch.arange(self.acc.process_index, len(self.data.val), self.acc.num_processes))
+        loader = make_loader(shard, batch_size=self.cfg.eval.batch_size, shuffle=False, seed=self.cfg.seed)
         with self.acc.autocast():
-            metrics = classification_quality(model, loader, self.acc.device)
+            metrics = classification_quality(model, loader, self.acc.device,
+                                             reduce=lambda totals: self.acc.reduce(totals, reduction="sum"))
         model.train(was_training)
         return metrics
 
@@ -161,6 +187,18 @@ class Trainer:
         progress = Progress(self.label, self.total_steps, s["global_step"], enabled=t.progress and acc.is_main_process,
                             quiet=not acc.is_main_process)
         self.progress = progress
+        try:
+            with GracefulStop() as signals:
+                self._loop(history, tracker, progress, signals)
+        finally:
+            progress.close()
+            tracker.close()
+        self._load_export_weights()
+        best = None if s["best_step"] is None else {"step": s["best_step"], "accuracy": s["best_metric"]}
+        return TrainResult(steps=s["global_step"], best=best, wall_s=s["elapsed_s"], skipped_steps=s["skipped_steps"])
+
+    def _loop(self, history: History, tracker, progress: Progress, signals: GracefulStop) -> None:
+        cfg, t, acc, s = self.cfg, self.cfg.train, self.acc, self.state
         self.model.train()
         start, elapsed0 = time.perf_counter(), s["elapsed_s"]
         # the running means of the next history line live in the state, so a resumed run logs the same numbers
@@ -173,19 +211,21 @@ class Trainer:
                                  num_workers=cfg.data.num_workers)
             batches = iter(loader)
             while s["step_in_epoch"] < self.steps_per_epoch and s["global_step"] < self.total_steps:
-                parts = self._step([next(batches) for _ in range(t.grad_accum)])
+                parts = self._step([next(batches) for _ in range(t.grad_accum)], signals.requested())
                 s["step_in_epoch"] += 1
+                s["elapsed_s"] = elapsed0 + time.perf_counter() - start
                 if parts is None:
                     history.write({"kind": "skip", "step": s["global_step"], "reason": "non-finite loss or gradient"})
-                    if s["consecutive_skips"] >= 10:
-                        raise UserError("10 consecutive steps had a non-finite loss or gradient; lower train.lr or "
+                    if s["consecutive_skips"] >= t.max_consecutive_skips:
+                        raise UserError(f"{s['consecutive_skips']} consecutive steps had a non-finite loss or gradient "
+                                        f"(train.max_consecutive_skips); lower train.lr, set train.max_grad_norm, or "
                                         "use train.precision=fp32")
+                    self._stop_if_signalled()
                     continue
                 for k, v in parts.items():
                     sums[k] = sums.get(k, 0.0) + v
                 s["log_count"] += 1
                 step = s["global_step"]
-                s["elapsed_s"] = elapsed0 + time.perf_counter() - start
                 if step % t.log_every == 0 or step == self.total_steps:
                     line = {"kind": "train", "step": step, "epoch": round(step / self.steps_per_epoch, 4),
                             "lr": self.scheduler.get_last_lr()[0], **{k: v / s["log_count"] for k, v in sums.items()},
@@ -203,6 +243,7 @@ class Trainer:
                 if (t.save_every == "epoch" and end_of_epoch) or (isinstance(t.save_every, int) and step % t.save_every == 0):
                     if not last:
                         self.save()
+                self._stop_if_signalled()  # after the step's logging, evaluation and saving: a resume repeats none
                 if stop:
                     break
             if s["step_in_epoch"] >= self.steps_per_epoch:
@@ -210,14 +251,16 @@ class Trainer:
                 s["step_in_epoch"] = 0
         s["elapsed_s"] = elapsed0 + time.perf_counter() - start
         self.save()
-        progress.close()
-        tracker.close()
-        self._load_export_weights()
-        best = None if s["best_step"] is None else {"step": s["best_step"], "accuracy": s["best_metric"]}
-        return TrainResult(steps=s["global_step"], best=best, wall_s=s["elapsed_s"], skipped_steps=s["skipped_steps"])
 
-    def _step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float] | None:
-        """One optimizer step over `grad_accum` micro-batches; None when it was skipped for non-finite numbers."""
+    def _stop_if_signalled(self) -> None:
+        if self.stop_signal:
+            path = self.save()
+            raise Interrupted(self.stop_signal, self.state["global_step"], str(path))
+
+    def _step(self, micro_batches: list[dict[str, torch.Tensor]], signal_received: int = 0) -> dict[str, float] | None:
+        """One optimizer step over `grad_accum` micro-batches; None when it was skipped for non-finite numbers.
+
+        Sets `self.stop_signal` when this or any other rank has received a signal (`signal_received`)."""
         cfg, acc, s = self.cfg, self.acc, self.state
         n = len(micro_batches)
         totals: dict[str, torch.Tensor] = {}
@@ -232,7 +275,11 @@ class Trainer:
             acc.backward(out["loss"] / n)
             for k, v in out.items():
                 totals[k] = totals.get(k, 0.0) + v.detach().float() / n
-        stacked = acc.reduce(torch.stack(list(totals.values())), reduction="mean")  # the same on every rank
+        # one reduction for the logged losses and the stop flag: the same numbers, hence decisions, on every rank
+        flag = torch.tensor(float(signal_received), device=acc.device)
+        stacked = acc.reduce(torch.stack([*totals.values(), flag]), reduction="mean")
+        stacked, others_signal = stacked[:-1], float(stacked[-1])
+        self.stop_signal = signal_received or (15 if others_signal > 0 else 0)
         ok = bool(torch.isfinite(stacked).all())
         if acc.scaler is not None:
             # fp16: the grad scaler unscales once (in clipping) and must then see optimizer.step(), which it skips
@@ -241,10 +288,10 @@ class Trainer:
                 acc.clip_grad_norm_(self.model.parameters(), cfg.train.max_grad_norm)
             self.optimizer.step()
             ok = ok and not acc.optimizer_step_was_skipped
-        else:
-            if ok and cfg.train.max_grad_norm is not None:
-                norm = acc.clip_grad_norm_(self.model.parameters(), cfg.train.max_grad_norm)
-                ok = bool(torch.isfinite(torch.as_tensor(norm)).all())
+        elif ok:
+            # the total norm of the synchronised gradients (clipped when asked): a non-finite gradient skips the step
+            norm = acc.clip_grad_norm_(self.model.parameters(), cfg.train.max_grad_norm or float("inf"))
+            ok = bool(torch.isfinite(torch.as_tensor(norm)).all())
             if ok:
                 self.optimizer.step()
         if ok:
@@ -281,7 +328,7 @@ class Trainer:
 
     def _load_export_weights(self) -> None:
         best = self.ckpt_root / "best"
-        if self.cfg.train.export == "best" and ckpt.verify(best) is not None:
+        if self.cfg.train.export == "best" and ckpt.recover(best) is not None:
             state, _, _ = ckpt.load_checkpoint(best)
             self.acc.unwrap_model(self.model).load_state_dict(state)
 
