@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 
 from kdkit.config import Config, dump_config, load_config
 from kdkit.data import ImageData, build_image_data, make_loader
@@ -39,7 +39,12 @@ def make_accelerator(cfg: Config, *, evaluation: bool = False) -> Accelerator:
     AcceleratorState._reset_state(reset_partial_state=False)
     # Several processes without CUDA: Accelerate only forms the (gloo) process group when told it runs on CPUs.
     cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    return Accelerator(mixed_precision=precision, cpu=cpu)
+    acc = Accelerator(mixed_precision=precision, cpu=cpu)
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        from kdkit.cli.launch import DEEPSPEED_REFUSED
+
+        raise UserError(DEEPSPEED_REFUSED)
+    return acc
 
 
 RUN_FILES = ("checkpoints", "baseline", "student", "tensorboard", "plots", "history.jsonl", METRICS, "report.md",

@@ -110,3 +110,43 @@ def test_a_repeated_signal_is_one_signal_within_the_debounce_and_exits_after_it(
         stop._handle(signal.SIGINT, None)
         assert exits == [128 + signal.SIGINT]
     assert signal.getsignal(signal.SIGTERM) is not stop._handle  # handlers restored
+
+
+# -- the teacher is never trained ------------------------------------------------------------------------------------
+
+def test_the_teacher_is_never_prepared_optimised_or_given_gradients(tmp_path):
+    from kdkit.data import build_image_data
+    from kdkit.experiment import _distiller, load_teacher, make_accelerator
+    from kdkit.train import Trainer
+
+    cfg = validate(tiny_config(tmp_path / "run", train__max_steps=3))
+    acc = make_accelerator(cfg)
+    data = build_image_data(cfg.data, cfg.seed)
+    teacher = load_teacher(cfg, data, acc.device)
+    before = {k: v.clone() for k, v in teacher.model.state_dict().items()}
+    trainer = Trainer(cfg, tmp_path / "run", _distiller(cfg, data, teacher), data, acc)
+    trainer.fit()
+    teacher_params = list(teacher.model.parameters())
+    assert all(not p.requires_grad and p.grad is None for p in teacher_params)
+    optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert optimised and not optimised & {id(p) for p in teacher_params}
+    assert not any(p is q for p in teacher_params for q in trainer.model.parameters())  # not inside the prepared model
+    assert all(torch.equal(before[k], v) for k, v in teacher.model.state_dict().items())
+
+
+# -- launch options --------------------------------------------------------------------------------------------------
+
+def test_launch_options(tmp_path):
+    from kdkit.cli import launch
+
+    assert launch.resolve_accelerate_config("fsdp").is_file() and launch.resolve_accelerate_config("ddp").is_file()
+    ds = tmp_path / "ds.yaml"
+    ds.write_text("distributed_type: DEEPSPEED\ndeepspeed_config: {zero_stage: 2}\n")
+    with pytest.raises(UserError, match="DeepSpeed is not supported yet"):
+        launch.resolve_accelerate_config(str(ds))
+    with pytest.raises(UserError, match="neither a shipped config"):
+        launch.resolve_accelerate_config(str(tmp_path / "missing.yaml"))
+    cmd = launch.launch_command(["train", "c.yaml", "train.lr=0.1"], 4, None)
+    assert cmd[1:4] == ["-m", "accelerate.commands.launch", "--num_processes"] and cmd[4] == "4"
+    assert "--multi_gpu" in cmd and cmd[-5:] == ["-m", "kdkit", "train", "c.yaml", "train.lr=0.1"]
+    assert "--config_file" in launch.launch_command(["train", "c.yaml"], 2, launch.shipped_config("fsdp"))

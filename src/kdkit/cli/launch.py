@@ -14,9 +14,13 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+import yaml
+
 from kdkit.errors import UserError
 
 SHIPPED = ("ddp", "fsdp")
+DEEPSPEED_REFUSED = ("DeepSpeed is not supported yet: its engine steps the optimizer inside backward, which would "
+                     "bypass kdkit's accumulation, numerics guard and exact resume; use ddp or fsdp")
 
 
 def shipped_config(name: str) -> Path:
@@ -30,10 +34,14 @@ def resolve_accelerate_config(value: str) -> Path:
     path = Path(value).expanduser()
     if not path.is_file():
         raise UserError(f"--accelerate-config: {value} is neither a shipped config ({', '.join(SHIPPED)}) nor a file")
-    if "deepspeed" in path.read_text().lower():
-        raise UserError(f"--accelerate-config {value}: DeepSpeed is not supported yet (its engine steps the "
-                        "optimizer inside backward, which bypasses kdkit's numerics guard and accumulation); "
-                        "use ddp or fsdp")
+    try:
+        settings = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise UserError(f"--accelerate-config {value}: not a valid YAML file ({err.__class__.__name__})") from None
+    if not isinstance(settings, dict):
+        raise UserError(f"--accelerate-config {value}: expected a mapping of Accelerate settings")
+    if str(settings.get("distributed_type", "")).upper() == "DEEPSPEED":
+        raise UserError(DEEPSPEED_REFUSED)
     return path
 
 
@@ -94,19 +102,3 @@ def relaunch(cmd: list[str]) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 128 + received[0] if received else code
-
-
-def strip_launch_options(argv: list[str]) -> list[str]:
-    """argv without --num-processes N / --accelerate-config X (either `--opt value` or `--opt=value`)."""
-    out, skip = [], False
-    for word in argv:
-        if skip:
-            skip = False
-            continue
-        if word in ("--num-processes", "--accelerate-config"):
-            skip = True
-            continue
-        if word.startswith(("--num-processes=", "--accelerate-config=")):
-            continue
-        out.append(word)
-    return out
