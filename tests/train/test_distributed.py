@@ -90,8 +90,8 @@ def test_a_step_takes_the_same_samples_for_every_split_of_the_global_batch():
 # -- kill -9, then resume: bit-identical, with 2 processes ---------------------------------------------------------
 
 def _resume_config(tmp: Path, name: str) -> Path:
-    # 1617 digits train samples - 10% val -> 1455; 2 processes x 16 x accumulation 2 -> 22 steps per epoch
-    return _yaml(tmp, name, train__batch_size=16, train__grad_accum=2, train__max_steps=30, train__save_every=5,
+    # 1294 digits train samples; 2 processes x 16 x accumulation 2 -> 20 steps per epoch
+    return _yaml(tmp, name, train__batch_size=16, train__grad_accum=2, train__max_steps=30, train__save_every=10,
                  train__keep_last=10, train__eval_every=10, train__export="last", train__tracker="none",
                  eval__efficiency=False, student__kwargs={"hidden": 8, "size": 8, "dropout": 0.3},
                  data__augment={"random_crop_padding": 1, "hflip": True})
@@ -105,12 +105,14 @@ def straight_two(tmp_path_factory):
     return tmp / "run"
 
 
-@pytest.mark.parametrize("stop_at", [10, pytest.param(22, marks=pytest.mark.slow)])  # mid-epoch; epoch end
+@pytest.mark.parametrize("stop_at", [10, pytest.param(20, marks=pytest.mark.slow)])  # mid-epoch; epoch end
 def test_kill_9_and_resume_with_two_processes_is_bit_identical(tmp_path, straight_two, stop_at):
     config = _resume_config(tmp_path, "victim")
     kill_9_after([*PY, "train", str(config), "--no-report", "--num-processes", "2"],
                  tmp_path / "victim" / "checkpoints", stop_at)
     assert not (tmp_path / "victim" / "student").exists()  # the kill landed before the run's end
+    state = json.loads((tmp_path / "victim" / "checkpoints" / f"step-{stop_at:07d}" / "state.json").read_text())
+    assert (state["epoch"], state["step_in_epoch"]) == (0, stop_at)  # 20 is the last step of epoch 0
     # the kill landed at some later moment; resume from exactly `stop_at` (as if it had landed right there)
     for d in ckpt.step_checkpoints(tmp_path / "victim" / "checkpoints"):
         if int(d.name.split("-")[1]) > stop_at:
