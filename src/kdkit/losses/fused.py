@@ -1,0 +1,138 @@
+"""Losses on hidden states and the output head, without the logits of all positions at once.
+
+A language model's logits are (positions x vocabulary): 8 x 2048 positions of a 152k vocabulary are 10 GB in
+float32, and a naive distillation step holds several such tensors (student and teacher logits, both softmaxes,
+their gradients). Here the head is applied a chunk of positions at a time inside a custom autograd function: each
+chunk's logits are computed, the loss and its gradient with respect to those logits are taken at once, the
+gradients of the hidden states and of the head weight are accumulated, and the chunk's logits are freed. Peak
+memory is one chunk's worth; the backward pass only scales the stored gradients by the incoming one.
+
+Positions whose label is `ignore_index` are dropped before any logits are computed (prompt tokens cost nothing).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from kdkit.losses.divergence import DIVERGENCE_KINDS, _per_position, compute_dtype
+
+# Logit elements per chunk when chunk_size is None: 2^24 floats (64 MB in float32) per logits tensor.
+CHUNK_ELEMENTS = 1 << 24
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """sum over rows of loss_fn(hidden @ weight.T, *row tensors), a chunk of rows at a time.
+
+    Gradients for `hidden` and `weight` are computed during the forward pass (float32 accumulation for the
+    weight) and only scaled in backward; the row tensors (teacher hidden states, labels) get none.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, loss_fn: Callable, chunk: int,
+                *rows: torch.Tensor) -> torch.Tensor:
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        total = torch.zeros((), dtype=compute_dtype(hidden, weight), device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None  # (N, H)
+        grad_w = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
+                             device=weight.device) if need_w else None  # (V, H)
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start:start + chunk]  # (C, H)
+            with torch.enable_grad():
+                logits = (h @ weight.T).detach().requires_grad_(True)  # (C, V), in the inputs' dtype
+                loss = loss_fn(logits, *(r[start:start + chunk] for r in rows))
+                (g,) = torch.autograd.grad(loss, logits)  # (C, V)
+            g = g.to(hidden.dtype)  # as the unfused graph would hand it to the matmul's backward
+            total += loss.detach()
+            if need_h:
+                grad_h[start:start + chunk] = g @ weight
+            if need_w:
+                grad_w.addmm_(g.T.to(grad_w.dtype), h.to(grad_w.dtype))
+            del logits, g, loss
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype, ctx.num_rows = weight.dtype, len(rows)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_out.to(grad_w.dtype)).to(ctx.weight_dtype) if grad_w is not None else None
+        return gh, gw, None, None, *([None] * ctx.num_rows)
+
+
+def _kept_rows(hidden: torch.Tensor, labels: torch.Tensor | None, ignore_index: int, *others: torch.Tensor):
+    """(hidden rows, [other rows...], count): positions flattened, those labelled ignore_index dropped."""
+    h = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
+    flat = [o.reshape(h.shape[0], *o.shape[hidden.dim() - 1:]) for o in others]
+    if labels is None:
+        return h, flat, h.shape[0]
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels shape {tuple(labels.shape)} must be the hidden states' shape without the last "
+                         f"dim, {tuple(hidden.shape[:-1])}")
+    idx = (labels.reshape(-1) != ignore_index).nonzero().squeeze(1)  # (K,)
+    return h.index_select(0, idx), [o.index_select(0, idx) for o in flat], idx.numel()
+
+
+def _chunk_rows(chunk_size: int | None, vocab: int) -> int:
+    if chunk_size is None:
+        return max(1, CHUNK_ELEMENTS // max(vocab, 1))
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    return chunk_size
+
+
+def fused_divergence(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
+                     teacher_weight: torch.Tensor, *, kind: str = "forward_kl", temperature: float = 1.0,
+                     beta: float = 0.5, labels: torch.Tensor | None = None, ignore_index: int = -100,
+                     chunk_size: int | None = None) -> torch.Tensor:
+    """The value of `divergence(student_hidden @ student_weight.T, teacher_hidden @ teacher_weight.T, ...)`, with
+    the same gradients for `student_hidden` and `student_weight`, computed `chunk_size` positions at a time.
+
+    Shapes: hidden states (..., H_s) and (..., H_t) with the same leading dims, weights (V, H_s) and (V, H_t),
+    labels (...). The teacher gets no gradient. chunk_size None: about 2^24 logits per chunk (V=152k: 110
+    positions). Mean over kept positions, float32 inside, no T^2 factor, 0 when every position is masked.
+    """
+    if kind not in DIVERGENCE_KINDS:
+        raise ValueError(f"unknown divergence kind {kind!r}; expected one of {DIVERGENCE_KINDS}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
+        raise ValueError(f"student/teacher hidden states differ in positions: {tuple(student_hidden.shape)} vs "
+                         f"{tuple(teacher_hidden.shape)}")
+    if student_weight.shape[0] != teacher_weight.shape[0]:
+        raise ValueError(f"student/teacher vocabularies differ: {student_weight.shape[0]} vs "
+                         f"{teacher_weight.shape[0]} rows (align them first: kdkit slices or maps vocabularies)")
+    dtype = compute_dtype(student_hidden, student_weight, teacher_hidden, teacher_weight)
+    t_weight = teacher_weight.detach()
+
+    def loss_fn(s_logits: torch.Tensor, t_hidden: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            log_t = F.log_softmax((t_hidden @ t_weight.T).to(dtype) / temperature, -1)  # (C, V)
+        log_s = F.log_softmax(s_logits.to(dtype) / temperature, -1)  # (C, V)
+        return _per_position(kind, log_s, log_t, beta).sum()
+
+    h, (t,), count = _kept_rows(student_hidden, labels, ignore_index, teacher_hidden.detach())
+    total = _ChunkedHeadLoss.apply(h, student_weight, loss_fn, _chunk_rows(chunk_size, student_weight.shape[0]), t)
+    return total / max(count, 1)
+
+
+def fused_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                        label_smoothing: float = 0.0, ignore_index: int = -100,
+                        chunk_size: int | None = None) -> torch.Tensor:
+    """The value and gradients of `cross_entropy(hidden @ weight.T, labels, ...)` without full logits.
+
+    hidden (..., H), weight (V, H), labels (...); mean over positions whose label is not ignore_index, float32
+    inside, 0 when every position is masked."""
+    dtype = compute_dtype(hidden, weight)
+
+    def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.to(dtype), target, reduction="sum", label_smoothing=label_smoothing)
+
+    h, (y,), count = _kept_rows(hidden, labels, ignore_index, labels)
+    total = _ChunkedHeadLoss.apply(h, weight, loss_fn, _chunk_rows(chunk_size, weight.shape[0]), y)
+    return total / max(count, 1)

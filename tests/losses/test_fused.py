@@ -1,0 +1,135 @@
+"""fused_divergence / fused_cross_entropy equal the unfused losses on full logits, in value and gradients, for
+every kind, chunk size, mask and dtype; and they never hold the logits of all positions at once."""
+
+import pytest
+import torch
+
+from kdkit.losses import DIVERGENCE_KINDS, cross_entropy, divergence, fused_cross_entropy, fused_divergence
+from kdkit.losses import fused as fused_module
+
+B, T, HS, HT, V = 3, 5, 6, 10, 17
+
+
+def _inputs(dtype=torch.float64, seed=0, masked=True):
+    g = torch.Generator().manual_seed(seed)
+    hs = torch.randn(B, T, HS, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
+    ws = (torch.randn(V, HS, generator=g, dtype=torch.float64) * 0.7).to(dtype).requires_grad_(True)
+    ht = torch.randn(B, T, HT, generator=g, dtype=torch.float64).to(dtype)
+    wt = (torch.randn(V, HT, generator=g, dtype=torch.float64) * 0.7).to(dtype)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    if masked:
+        labels[0, :2] = -100  # a prompt
+        labels[2, -1] = -100
+    return hs, ws, ht, wt, labels
+
+
+def _grads(loss, *tensors):
+    return torch.autograd.grad(loss, tensors)
+
+
+@pytest.mark.parametrize("kind", DIVERGENCE_KINDS)
+@pytest.mark.parametrize("chunk_size", [1, 4, None])
+def test_fused_divergence_equals_divergence_on_full_logits(kind, chunk_size):
+    hs, ws, ht, wt, labels = _inputs()
+    kwargs = dict(kind=kind, temperature=2.0, beta=0.3, labels=labels)
+    ref = divergence(hs @ ws.T, ht @ wt.T, **kwargs)
+    out = fused_divergence(hs, ws, ht, wt, chunk_size=chunk_size, **kwargs)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(_grads(out, hs, ws), _grads(ref, hs, ws)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_jsd_endpoints_and_no_labels(beta):
+    hs, ws, ht, wt, _ = _inputs()
+    ref = divergence(hs @ ws.T, ht @ wt.T, kind="jsd", beta=beta)
+    out = fused_divergence(hs, ws, ht, wt, kind="jsd", beta=beta, chunk_size=2)
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(_grads(out, hs, ws), _grads(ref, hs, ws)):
+        torch.testing.assert_close(a, b)
+
+
+def test_bf16_inputs_match_the_unfused_bf16_graph():
+    hs, ws, ht, wt, labels = _inputs(torch.bfloat16)
+    ref = divergence(hs @ ws.T, ht @ wt.T, kind="forward_kl", labels=labels)
+    out = fused_divergence(hs, ws, ht, wt, kind="forward_kl", labels=labels, chunk_size=3)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    (gh, gw), (rh, rw) = _grads(out, hs, ws), _grads(ref, hs, ws)
+    assert gh.dtype == gw.dtype == torch.bfloat16
+    torch.testing.assert_close(gh, rh, rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close(gw, rw, rtol=2e-2, atol=2e-3)  # float32 accumulation across chunks: at least as exact
+
+
+def test_everything_masked_is_zero_with_zero_gradients():
+    hs, ws, ht, wt, labels = _inputs()
+    labels[:] = -100
+    out = fused_divergence(hs, ws, ht, wt, labels=labels)
+    assert out.item() == 0.0
+    gh, gw = _grads(out, hs, ws)
+    assert not gh.any() and not gw.any()
+    ce = fused_cross_entropy(hs, ws, labels)
+    assert ce.item() == 0.0
+
+
+def test_the_teacher_gets_no_gradient_and_a_frozen_head_none():
+    hs, ws, ht, wt, labels = _inputs()
+    ht.requires_grad_(True)
+    wt.requires_grad_(True)
+    ws_frozen = ws.detach()
+    out = fused_divergence(hs, ws_frozen, ht, wt, labels=labels)
+    out.backward()
+    assert hs.grad is not None and ht.grad is None and wt.grad is None
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("chunk_size", [1, 5, None])
+def test_fused_cross_entropy_equals_cross_entropy(label_smoothing, chunk_size):
+    hs, ws, _, _, labels = _inputs()
+    ref = cross_entropy(hs @ ws.T, labels, label_smoothing=label_smoothing)
+    out = fused_cross_entropy(hs, ws, labels, label_smoothing=label_smoothing, chunk_size=chunk_size)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(_grads(out, hs, ws), _grads(ref, hs, ws)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_a_scaled_upstream_gradient_scales_the_result():
+    hs, ws, ht, wt, labels = _inputs()
+    out = fused_divergence(hs, ws, ht, wt, labels=labels, chunk_size=2)
+    ref = divergence(hs @ ws.T, ht @ wt.T, labels=labels)
+    for a, b in zip(torch.autograd.grad(3.5 * out, (hs, ws)), torch.autograd.grad(3.5 * ref, (hs, ws))):
+        torch.testing.assert_close(a, b)
+
+
+def test_logits_are_never_held_for_all_positions(monkeypatch):
+    """Every logits tensor the fused loss builds has at most chunk_size rows."""
+    biggest = []
+    real_per_position = fused_module._per_position
+
+    def spy(kind, log_s, log_t, beta):
+        biggest.append(log_s.shape[0])
+        return real_per_position(kind, log_s, log_t, beta)
+
+    monkeypatch.setattr(fused_module, "_per_position", spy)
+    hs, ws, ht, wt, labels = _inputs(masked=False)
+    fused_divergence(hs, ws, ht, wt, labels=labels, chunk_size=4).backward()
+    assert biggest and max(biggest) == 4 and sum(biggest) == B * T
+
+
+def test_default_chunk_is_bounded_by_elements():
+    assert fused_module._chunk_rows(None, 152064) == (1 << 24) // 152064
+    assert fused_module._chunk_rows(None, 10**9) == 1
+    with pytest.raises(ValueError):
+        fused_module._chunk_rows(0, 10)
+
+
+def test_bad_shapes_are_refused():
+    hs, ws, ht, wt, labels = _inputs()
+    with pytest.raises(ValueError, match="vocabularies differ"):
+        fused_divergence(hs, ws, ht, wt[:-1])
+    with pytest.raises(ValueError, match="positions"):
+        fused_divergence(hs, ws, ht[:, :-1], wt)
+    with pytest.raises(ValueError, match="labels shape"):
+        fused_divergence(hs, ws, ht, wt, labels=labels[:, :-1])
+    with pytest.raises(ValueError, match="unknown divergence"):
+        fused_divergence(hs, ws, ht, wt, kind="kl")
