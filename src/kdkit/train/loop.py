@@ -147,7 +147,7 @@ class Trainer:
         self.acc.unwrap_model(self.model).load_state_dict(model_state)
         self.optimizer.load_state_dict(objects["optimizer"])
         self.scheduler.load_state_dict(objects["scheduler"])
-        ranks = objects["rng"]["ranks"]
+        ranks = objects["rng"].get("ranks", [objects["rng"]])  # checkpoints of kdkit 0.1.0 held one process's state
         if len(ranks) != self.acc.num_processes:
             self.acc.print(f"note: the checkpoint has RNG states of {len(ranks)} processes, this run has "
                            f"{self.acc.num_processes}: dropout will not repeat the original run's")
