@@ -34,13 +34,41 @@ class AugmentConfig(Section):
         return v
 
 
+class TextSource(Section):
+    """One source of a weighted text mixture."""
+
+    source: Literal["jsonl", "hf", "text_files"] = Field(..., description="jsonl file, Hugging Face dataset, or a directory of text files.")
+    path: str = Field(..., description="The .jsonl file, dataset ID / directory, or the directory of text files.")
+    weight: float = Field(1.0, gt=0.0, description="Sampling weight: this source's share of the training samples is weight / sum of weights.")
+    format: Literal["auto", "instruction", "chat", "text"] = Field("auto", description="As data.text.format, for this source.")
+    glob: str = Field("**/*.txt", description="text_files: which files under path.")
+    train_split: str = Field("train", description="hf: the split read.")
+
+
+class TextConfig(Section):
+    """Text data for task: lm (data.source jsonl, hf or text_files)."""
+
+    format: Literal["auto", "instruction", "chat", "text"] = Field(
+        "auto", description="instruction: {instruction, context or input, response} objects (databricks-dolly-15k); chat: "
+        "{messages: [{role, content}, ...]}, loss on assistant turns; text: {text} or plain files, loss on every token; "
+        "auto: decided from the first record's fields.")
+    max_length: int = Field(512, gt=1, description="Tokens per sample; longer samples are truncated (the response keeps its start).")
+    packing: bool = Field(False, description="text: concatenate documents (separated by EOS) and cut them into max_length blocks.")
+    glob: str = Field("**/*.txt", description="text_files: which files under data.path (e.g. '**/*.py').")
+    mixture: Optional[list[TextSource]] = Field(
+        None, description="Several sources with sampling weights (instruction, code, multilingual, ...); replaces data.source/path.")
+    chat_template: bool = Field(True, description="Format prompts with the student tokenizer's chat template when it has one "
+                                "(else a plain '### Instruction / ### Response' layout).")
+
+
 class DataConfig(Section):
     """Where the images come from and how they are split."""
 
-    source: Literal["fashion_mnist", "digits", "image_folder", "hf", "jsonl"] = Field(
+    source: Literal["fashion_mnist", "digits", "image_folder", "hf", "jsonl", "text_files"] = Field(
         "fashion_mnist", description="fashion_mnist (IDX files), digits (scikit-learn, offline), image_folder "
-        "(one sub-directory per class), hf (a Hugging Face dataset by hub ID or local directory), jsonl (a manifest: "
-        "one {\"image\": path, \"label\": class name or id} object per line).")
+        "(one sub-directory per class), hf (a Hugging Face dataset by hub ID or local directory), jsonl (images: a "
+        "manifest of {\"image\": path, \"label\": class} lines; lm: one text record per line), text_files (lm: a "
+        "directory of text files, see data.text.glob).")
     path: Optional[str] = Field(
         None, description="fashion_mnist: directory with the IDX files (default: /usr/share/datasets/fashion-mnist, "
         "then the user cache, downloading with checksums when `download`); image_folder: root with train/ "
@@ -61,6 +89,7 @@ class DataConfig(Section):
     limit_eval: Optional[int] = Field(None, gt=0, description="Use only the first N validation and test samples.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0: load in the main process; in-memory sources need none).")
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Training-time augmentation.")
+    text: TextConfig = Field(default_factory=TextConfig, description="task: lm: how records become tokens.")
 
     _size = field_validator("image_size")(classmethod(lambda cls, v: _positive_size(v)))
 
@@ -69,6 +98,16 @@ def _positive_size(v):
     if v is not None and (v[0] <= 0 or v[1] <= 0):
         raise ValueError("height and width must be positive")
     return v
+
+
+class LoraConfig(Section):
+    """A LoRA adapter on the student (through peft): only the adapter trains."""
+
+    r: int = Field(16, gt=0, description="Rank of the update matrices.")
+    alpha: float = Field(32.0, gt=0.0, description="Scaling numerator (the update is scaled by alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter's input.")
+    target_modules: Union[Literal["all-linear"], list[str]] = Field("all-linear", description="Module names to adapt, or all-linear.")
+    export: Literal["merged", "adapter"] = Field("merged", description="student/: the base with the adapter merged in, or the adapter alone.")
 
 
 class ModelConfig(Section):
@@ -89,6 +128,11 @@ class ModelConfig(Section):
     trust_remote_code: bool = Field(False, description="Allow a hub model's own code to run (off unless set here).")
     revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit) for `pretrained`.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory where the model supports it (Hugging Face models).")
+    tokenizer: Optional[str] = Field(None, description="lm: tokenizer hub ID or directory (null: the model's own, from pretrained, run or hf_config.base).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="lm: weight dtype (auto: float32 for the student, the checkpoint's own for the teacher).")
+    quantization: Optional[Literal["8bit", "4bit"]] = Field(None, description="lm teacher: load in 8-bit or 4-bit with bitsandbytes (CUDA only).")
+    lora: Optional[LoraConfig] = Field(None, description="lm student: train a LoRA adapter instead of every weight (QLoRA with quantization).")
 
     _size = field_validator("image_size")(classmethod(lambda cls, v: _positive_size(v)))
 
@@ -220,12 +264,15 @@ class EvalConfig(Section):
     latency_repeats: int = Field(30, ge=1, description="Single-sample forward passes timed; latency_ms is their median.")
     warmup: int = Field(3, ge=0, description="Untimed passes before each timing.")
     efficiency: bool = Field(True, description="Measure latency, throughput and memory (off: quality only).")
+    max_new_tokens: int = Field(64, gt=0, description="lm: tokens generated per prompt (greedy) for ROUGE-L, exact match and F1.")
+    generate_samples: int = Field(32, ge=0, description="lm: test prompts answered by generation (0: perplexity and KL only).")
 
 
 class Config(Section):
     """A kdkit run: `kdkit train CONFIG.yaml key.path=value ...`."""
 
-    task: Literal["classification"] = Field("classification", description="The kind of model distilled.")
+    task: Literal["classification", "lm"] = Field("classification", description="The kind of model distilled: "
+                                                  "classification (image classifiers) or lm (causal language models).")
     output_dir: str = Field("runs/kdkit", description="The run directory (created; an existing finished run is refused unless --overwrite).")
     seed: int = Field(0, description="Seeds weights, data order, augmentation and dropout.")
     compare_baseline: bool = Field(False, description="Also train the same student without the teacher (same data, budget and seed) into <output_dir>/baseline, and report the gain.")
@@ -235,6 +282,17 @@ class Config(Section):
     distill: DistillConfig = Field(default_factory=DistillConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _task_fits(self) -> "Config":
+        if self.task == "lm" and any(t.kind == "dkd" for t in self.distill.terms):
+            raise ValueError("dkd terms are for classification; use kd with a divergence for task: lm")
+        if self.task == "classification":
+            for role in ("student", "teacher"):
+                spec = getattr(self, role)
+                if spec is not None and (spec.lora is not None or spec.quantization is not None):
+                    raise ValueError(f"{role}: lora and quantization are for task: lm")
+        return self
 
     @model_validator(mode="after")
     def _teacher_terms(self) -> "Config":
