@@ -24,7 +24,8 @@ def _dotted(loc: tuple) -> str:
         if isinstance(p, int):
             parts.append(f"[{p}]")
         else:
-            parts.append(("." if parts else "") + str(p))
+            key = str(p) if str(p).strip() and "." not in str(p) else repr(str(p))  # an empty or dotted key, quoted
+            parts.append(("." if parts else "") + key)
     return "".join(parts)
 
 
