@@ -14,14 +14,12 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType
 
 from kdkit.config import Config, dump_config, load_config
-from kdkit.data import ImageData, build_image_data, make_loader
-from kdkit.distill import ClassificationDistiller, baseline_terms
 from kdkit.errors import UserError
-from kdkit.evaluate import build_metrics, classification_quality, measure_efficiency
-from kdkit.models import FrozenTeacher, build_model, fingerprint_model, load_exported, save_model
+from kdkit.evaluate import build_metrics
+from kdkit.tasks import Task, get_task
 from kdkit.train import Trainer
 
 METRICS = "metrics.json"
@@ -75,8 +73,8 @@ def _clear_run(run_dir: Path, acc: Accelerator) -> None:
     acc.wait_for_everyone()
 
 
-def _refuse_changed_resume(cfg: Config, run_dir: Path, data: ImageData, teacher: FrozenTeacher | None,
-                           acc: Accelerator, force: bool) -> None:
+def _refuse_changed_resume(task: Task, cfg: Config, run_dir: Path, data, teacher, acc: Accelerator,
+                           force: bool) -> None:
     """--resume of a run whose data, models, loss, seed or global batch changed: refused before anything is written
     (the trainer checks again, per student, when it loads the checkpoint)."""
     from kdkit.train import checkpoint as ckpt
@@ -84,7 +82,7 @@ def _refuse_changed_resume(cfg: Config, run_dir: Path, data: ImageData, teacher:
 
     if force or cfg.train.batch_size == "auto":
         return
-    fingerprint = fingerprint_model(teacher.model) if teacher is not None else None
+    fingerprint = task.teacher_fingerprint(teacher)
     for sub, fp in ((run_dir / "baseline", None), (run_dir, fingerprint)):
         found = ckpt.latest_complete(sub / "checkpoints")
         if found and found[1].get("config_hash") != resume_hash(cfg, fp, data.fingerprint, acc.num_processes):
@@ -115,30 +113,21 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def load_teacher(cfg: Config, data: ImageData, device) -> FrozenTeacher | None:
-    if cfg.teacher is None:
-        return None
-    set_seed(cfg.seed)
-    model = build_model(cfg.teacher, num_classes=data.num_classes, channels=data.channels, data_size=data.image_size,
-                        role="teacher")
-    return FrozenTeacher(model, device)
-
-
-def _train_student(cfg: Config, run_dir: Path, data: ImageData, teacher: FrozenTeacher | None, acc: Accelerator,
-                   *, label: str, resume: bool, force: bool) -> None:
+def _train_student(task: Task, cfg: Config, run_dir: Path, data, teacher, acc: Accelerator, *, label: str,
+                   baseline: bool, resume: bool, force: bool) -> None:
     """Train one student into `run_dir` (its history, checkpoints and exported student/)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume and (run_dir / "student" / "kdkit.json").is_file() and (run_dir / "student" / ".complete").is_file():
         acc.print(f"{label}: already finished, kept as is")
         return
-    distiller = _distiller(cfg, data, teacher)
+    distiller = task.make_distiller(cfg, data, teacher, baseline=baseline)
     if acc.process_index:  # each rank its own dropout masks (rank 0 keeps the single-process stream)
         torch.manual_seed(cfg.seed + 1_000_003 * acc.process_index)
-    fingerprint = fingerprint_model(teacher.model) if teacher is not None else None
+    fingerprint = None if baseline else task.teacher_fingerprint(teacher)
     trainer = Trainer(cfg, run_dir, distiller, data, acc, teacher_fingerprint=fingerprint, label=label)
     result = trainer.fit(resume=resume, force=force)
     if acc.is_main_process:
-        out = save_model(trainer.student, run_dir / "student", class_names=data.class_names)
+        out = task.export(cfg, trainer.student, data, run_dir / "student")
         (out / "train.json").write_text(json.dumps({"steps": result.steps, "wall_s": round(result.wall_s, 3),
                                                     "best": result.best, "skipped_steps": result.skipped_steps}) + "\n")
         (out / ".complete").write_text("")
@@ -146,24 +135,13 @@ def _train_student(cfg: Config, run_dir: Path, data: ImageData, teacher: FrozenT
     acc.free_memory()
 
 
-def _distiller(cfg: Config, data: ImageData, teacher: FrozenTeacher | None) -> ClassificationDistiller:
-    set_seed(cfg.seed)  # baseline and distilled students start from the same weights
-    student = build_model(cfg.student, num_classes=data.num_classes, channels=data.channels,
-                          data_size=data.image_size, role="student")
-    terms = cfg.distill.terms if teacher is not None else baseline_terms(cfg.distill)
-    return ClassificationDistiller(student, teacher, terms, cfg.distill.temperature)
-
-
-def _resolve_batch_size(cfg: Config, run_dir: Path, data: ImageData, teacher: FrozenTeacher | None,
-                        acc: Accelerator) -> Config:
+def _resolve_batch_size(task: Task, cfg: Config, run_dir: Path, data, teacher, acc: Accelerator) -> Config:
     if cfg.train.batch_size != "auto":
         return cfg
-    from kdkit.data import augment_batch
     from kdkit.train.autobatch import resolve_batch_size, training_trial
 
-    distiller = _distiller(cfg, data, teacher)
-    augment = lambda pixels: augment_batch(pixels, cfg.data.augment, torch.Generator().manual_seed(0))  # noqa: E731
-    resolved = resolve_batch_size(cfg, run_dir, acc, training_trial(distiller, data.train, acc, augment))
+    distiller = task.make_distiller(cfg, data, teacher, baseline=teacher is None)
+    resolved = resolve_batch_size(cfg, run_dir, acc, training_trial(distiller, data.train, acc))
     del distiller
     return resolved
 
@@ -171,66 +149,52 @@ def _resolve_batch_size(cfg: Config, run_dir: Path, data: ImageData, teacher: Fr
 def train_run(cfg: Config, *, resume: bool = False, force: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Train (baseline and) distilled student into cfg.output_dir and evaluate them; returns metrics.json's dict."""
     run_dir = Path(cfg.output_dir).expanduser()
+    task = get_task(cfg.task)
     acc = make_accelerator(cfg)
     clear = _refuse_started_run(run_dir, resume=resume, overwrite=overwrite)
     cfg = _absolute_paths(cfg)
     # Data and teacher first: a bad file or model fails here, before anything in output_dir is touched.
-    data = build_image_data(cfg.data, cfg.seed)
-    acc.print(f"data: {len(data.train)} train / {len(data.val) if data.val is not None else 0} val / "
-              f"{len(data.test)} test, {data.num_classes} classes, {data.channels}x{data.image_size[0]}x{data.image_size[1]}")
-    teacher = load_teacher(cfg, data, acc.device)
+    data = task.build_data(cfg)
+    acc.print(task.describe_data(data))
+    teacher = task.load_teacher(cfg, data, acc.device)
     if resume:
-        _refuse_changed_resume(cfg, run_dir, data, teacher, acc, force)
+        _refuse_changed_resume(task, cfg, run_dir, data, teacher, acc, force)
     if clear:
         _clear_run(run_dir, acc)
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(cfg))
     acc.wait_for_everyone()
-    cfg = _resolve_batch_size(cfg, run_dir, data, teacher, acc)
+    cfg = _resolve_batch_size(task, cfg, run_dir, data, teacher, acc)
     if cfg.compare_baseline:
-        _train_student(cfg, run_dir / "baseline", data, None, acc, label="baseline", resume=resume, force=force)
-    _train_student(cfg, run_dir, data, teacher, acc, label="distilled" if teacher else "train", resume=resume, force=force)
-    metrics = evaluate_run(run_dir, cfg=cfg, data=data, teacher=teacher, accelerator=acc)
-    return metrics
+        _train_student(task, cfg, run_dir / "baseline", data, teacher, acc, label="baseline", baseline=True,
+                       resume=resume, force=force)
+    _train_student(task, cfg, run_dir, data, teacher, acc, label="distilled" if teacher else "train",
+                   baseline=teacher is None, resume=resume, force=force)
+    return evaluate_run(run_dir, cfg=cfg, data=data, teacher=teacher, accelerator=acc)
 
 
-def _describe(model, data: ImageData, cfg: Config, loader, reference, device, efficiency: bool) -> dict[str, Any]:
-    model = model.to(device).eval()
-    out = classification_quality(model, loader, device, reference=reference)
-    if efficiency:
-        example = torch.rand(1, data.channels, *data.image_size)
-        out.update(measure_efficiency(model, example, batch_size=cfg.eval.batch_size, repeats=cfg.eval.latency_repeats,
-                                      warmup=cfg.eval.warmup, device=device))
-    return out
-
-
-def evaluate_run(run_dir: str | Path, *, cfg: Config | None = None, data: ImageData | None = None,
-                 teacher: FrozenTeacher | None = None, accelerator: Accelerator | None = None) -> dict[str, Any]:
+def evaluate_run(run_dir: str | Path, *, cfg: Config | None = None, data=None, teacher=None,
+                 accelerator: Accelerator | None = None) -> dict[str, Any]:
     """(Re-)evaluate a run's teacher, baseline and student on the test split and write metrics.json."""
     run_dir = Path(run_dir)
     if cfg is None:
         if not (run_dir / "config.yaml").is_file():
             raise UserError(f"{run_dir}: not a kdkit run directory (no config.yaml)")
         cfg = load_config(run_dir / "config.yaml")
+    task = get_task(cfg.task)
     acc = accelerator or make_accelerator(cfg, evaluation=True)
-    data = data or build_image_data(cfg.data, cfg.seed)
+    data = data or task.build_data(cfg)
     if teacher is None and cfg.teacher is not None:
-        teacher = load_teacher(cfg, data, acc.device)
+        teacher = task.load_teacher(cfg, data, acc.device)
     metrics: dict[str, Any] = {}
     if acc.is_main_process:
-        loader = make_loader(data.test, batch_size=cfg.eval.batch_size, shuffle=False, seed=cfg.seed)
-        device = acc.device
-        ref = teacher if teacher is not None else None
-        student = load_exported(run_dir, f"{run_dir}/student")
-        parts: dict[str, Any] = {"student": _describe(student, data, cfg, loader, ref, device, cfg.eval.efficiency)}
-        parts["student"].update(_train_info(run_dir / "student"))
-        if teacher is not None:
-            parts["teacher"] = _describe(teacher.model, data, cfg, loader, None, device, cfg.eval.efficiency)
+        students = {"student": run_dir}
         if (run_dir / "baseline" / "student" / "kdkit.json").is_file():
-            base = load_exported(run_dir / "baseline", f"{run_dir}/baseline/student")
-            parts["baseline"] = _describe(base, data, cfg, loader, ref, device, cfg.eval.efficiency)
-            parts["baseline"].update(_train_info(run_dir / "baseline" / "student"))
+            students["baseline"] = run_dir / "baseline"
+        parts = task.evaluate(cfg, run_dir, data, teacher, acc.device, students)
+        for name, run in students.items():
+            parts[name].update(_train_info(run / "student"))
         metrics = build_metrics(cfg.task, parts["student"], teacher=parts.get("teacher"), baseline=parts.get("baseline"))
         metrics["test_samples"] = len(data.test)
         _write_json_atomic(run_dir / METRICS, metrics)

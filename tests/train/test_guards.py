@@ -115,16 +115,17 @@ def test_a_repeated_signal_is_one_signal_within_the_debounce_and_exits_after_it(
 # -- the teacher is never trained ------------------------------------------------------------------------------------
 
 def test_the_teacher_is_never_prepared_optimised_or_given_gradients(tmp_path):
-    from kdkit.data import build_image_data
-    from kdkit.experiment import _distiller, load_teacher, make_accelerator
+    from kdkit.experiment import make_accelerator
+    from kdkit.tasks import get_task
     from kdkit.train import Trainer
 
     cfg = validate(tiny_config(tmp_path / "run", train__max_steps=3))
+    task = get_task(cfg.task)
     acc = make_accelerator(cfg)
-    data = build_image_data(cfg.data, cfg.seed)
-    teacher = load_teacher(cfg, data, acc.device)
+    data = task.build_data(cfg)
+    teacher = task.load_teacher(cfg, data, acc.device)
     before = {k: v.clone() for k, v in teacher.model.state_dict().items()}
-    trainer = Trainer(cfg, tmp_path / "run", _distiller(cfg, data, teacher), data, acc)
+    trainer = Trainer(cfg, tmp_path / "run", task.make_distiller(cfg, data, teacher, baseline=False), data, acc)
     trainer.fit()
     teacher_params = list(teacher.model.parameters())
     assert all(not p.requires_grad and p.grad is None for p in teacher_params)

@@ -11,7 +11,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from kdkit.config.schema import DistillConfig, LossTerm
+from kdkit.config.schema import AugmentConfig, DistillConfig, LossTerm
+from kdkit.data import augment_batch
+from kdkit.evaluate import classification_quality
 from kdkit.losses import cross_entropy, dkd_loss, kd_loss
 from kdkit.models.teacher import FrozenTeacher
 
@@ -23,9 +25,17 @@ def baseline_terms(cfg: DistillConfig) -> list[LossTerm]:
 
 
 class ClassificationDistiller:
-    """Holds the student (the module the trainer prepares) and, apart from it, the frozen teacher."""
+    """Holds the student (the module the trainer prepares) and, apart from it, the frozen teacher.
 
-    def __init__(self, student: nn.Module, teacher: FrozenTeacher | None, terms: list[LossTerm], temperature: float):
+    The trainer asks a distiller three things: `prepare_batch` (here: the augmentation both models see), `step`
+    (the loss and its logged parts) and `validate` (metrics, with `best_metric` naming the one that picks the best
+    checkpoint and whether higher is better).
+    """
+
+    best_metric = ("accuracy", "max")
+
+    def __init__(self, student: nn.Module, teacher: FrozenTeacher | None, terms: list[LossTerm], temperature: float,
+                 augment: AugmentConfig | None = None):
         needs_teacher = [t.label for t in terms if t.kind in ("kd", "dkd")]
         if needs_teacher and teacher is None:
             raise ValueError(f"loss terms {needs_teacher} need a teacher")
@@ -33,6 +43,13 @@ class ClassificationDistiller:
         self.teacher = teacher
         self.terms = list(terms)
         self.temperature = temperature
+        self.augment = augment or AugmentConfig()
+
+    def prepare_batch(self, batch: dict[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
+        return {**batch, "pixels": augment_batch(batch["pixels"], self.augment, generator)}
+
+    def validate(self, model: nn.Module, loader, device, reduce: Callable[[Tensor], Tensor]) -> dict:
+        return classification_quality(model, loader, device, reduce=reduce)
 
     def _term(self, term: LossTerm, student_logits: Tensor, teacher_logits: Tensor | None, labels: Tensor) -> Tensor:
         t = term.temperature or self.temperature

@@ -102,7 +102,7 @@ def resolve_batch_size(cfg: Config, run_dir: Path, accelerator, trial: Callable[
     return cfg.model_copy(update={"train": train})
 
 
-def training_trial(distiller, dataset, accelerator, augment) -> Callable[[int], None]:
+def training_trial(distiller, dataset, accelerator) -> Callable[[int], None]:
     """A `trial(micro)` running one real step of `distiller` on the first `micro` training samples, leaving the
     student's weights, gradients, buffers (BatchNorm statistics) and every RNG as they were."""
     from kdkit.data import make_loader
@@ -113,7 +113,7 @@ def training_trial(distiller, dataset, accelerator, augment) -> Callable[[int], 
         micro_n = min(micro, len(dataset))
         batch = next(iter(make_loader(dataset, batch_size=micro_n, shuffle=False, seed=0)))
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        batch["pixels"] = augment(batch["pixels"])
+        batch = distiller.prepare_batch(batch, torch.Generator().manual_seed(0))
         buffers = {k: v.detach().clone() for k, v in student.named_buffers()}
         rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None

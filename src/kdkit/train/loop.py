@@ -27,11 +27,9 @@ from accelerate import Accelerator
 from transformers import get_scheduler
 
 from kdkit.config.schema import Config
-from kdkit.data import ImageData, augment_batch, make_loader, num_batches
+from kdkit.data import make_loader, num_batches
 from kdkit.data.datasets import subset
-from kdkit.distill import ClassificationDistiller
 from kdkit.errors import UserError
-from kdkit.evaluate import classification_quality
 from kdkit.train import checkpoint as ckpt
 from kdkit.train.logging import History, Progress, make_tracker
 from kdkit.train.signals import GracefulStop, Interrupted
@@ -66,7 +64,7 @@ def _augment_seed(*parts: int) -> int:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path, distiller: ClassificationDistiller, data: ImageData,
+    def __init__(self, cfg: Config, run_dir: Path, distiller, data,
                  accelerator: Accelerator, *, teacher_fingerprint: str | None = None, label: str = "train"):
         self.cfg, self.run_dir, self.distiller, self.data, self.acc = cfg, Path(run_dir), distiller, data, accelerator
         self.label = label
@@ -171,8 +169,8 @@ class Trainer:
         shard = subset(self.data.val, torch.arange(self.acc.process_index, len(self.data.val), self.acc.num_processes))
         loader = make_loader(shard, batch_size=self.cfg.eval.batch_size, shuffle=False, seed=self.cfg.seed)
         with self.acc.autocast():
-            metrics = classification_quality(model, loader, self.acc.device,
-                                             reduce=lambda totals: self.acc.reduce(totals, reduction="sum"))
+            metrics = self.distiller.validate(model, loader, self.acc.device,
+                                              lambda totals: self.acc.reduce(totals, reduction="sum"))
         model.train(was_training)
         return metrics
 
@@ -194,7 +192,7 @@ class Trainer:
             progress.close()
             tracker.close()
         self._load_export_weights()
-        best = None if s["best_step"] is None else {"step": s["best_step"], "accuracy": s["best_metric"]}
+        best = None if s["best_step"] is None else {"step": s["best_step"], self.distiller.best_metric[0]: s["best_metric"]}
         return TrainResult(steps=s["global_step"], best=best, wall_s=s["elapsed_s"], skipped_steps=s["skipped_steps"])
 
     def _loop(self, history: History, tracker, progress: Progress, signals: GracefulStop) -> None:
@@ -268,7 +266,7 @@ class Trainer:
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             gen = torch.Generator().manual_seed(
                 _augment_seed(cfg.seed, s["epoch"], s["step_in_epoch"], i, acc.process_index))
-            batch["pixels"] = augment_batch(batch["pixels"], cfg.data.augment, gen)
+            batch = self.distiller.prepare_batch(batch, gen)
             sync = nullcontext() if i == n - 1 else acc.no_sync(self.model)
             with sync, acc.autocast():
                 out = self.distiller.step(batch, student=self.model)
@@ -313,11 +311,14 @@ class Trainer:
         step = s["global_step"]
         epoch = round(step / self.steps_per_epoch, 4)
         history.write({"kind": "eval", "step": step, "epoch": epoch, **metrics})
-        self.progress.log(f"{self.label}: step {step} (epoch {epoch:g}) validation accuracy {metrics['accuracy']:.2f}%, "
+        name, mode = self.distiller.best_metric
+        value = metrics[name]
+        self.progress.log(f"{self.label}: step {step} (epoch {epoch:g}) validation {name} {value:.4g}, "
                           f"loss {metrics['loss']:.4f}")
         tracker.log({f"val/{k}": v for k, v in metrics.items()}, step)
-        if s["best_metric"] is None or metrics["accuracy"] > s["best_metric"]:
-            s["best_metric"], s["best_step"], s["evals_since_best"] = metrics["accuracy"], step, 0
+        better = s["best_metric"] is None or (value > s["best_metric"] if mode == "max" else value < s["best_metric"])
+        if better:
+            s["best_metric"], s["best_step"], s["evals_since_best"] = value, step, 0
             self._save_best()
             return False
         s["evals_since_best"] += 1

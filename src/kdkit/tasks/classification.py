@@ -1,0 +1,65 @@
+"""Image classification: Fashion-MNIST / digits / folders / HF datasets, classifiers of any architecture."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import set_seed
+
+from kdkit.data import ImageData, build_image_data, make_loader
+from kdkit.distill import ClassificationDistiller, baseline_terms
+from kdkit.evaluate import classification_quality, measure_efficiency
+from kdkit.models import FrozenTeacher, build_model, fingerprint_model, load_exported, save_model
+
+
+class ClassificationTask:
+    def build_data(self, cfg) -> ImageData:
+        return build_image_data(cfg.data, cfg.seed)
+
+    def describe_data(self, data: ImageData) -> str:
+        return (f"data: {len(data.train)} train / {len(data.val) if data.val is not None else 0} val / "
+                f"{len(data.test)} test, {data.num_classes} classes, "
+                f"{data.channels}x{data.image_size[0]}x{data.image_size[1]}")
+
+    def load_teacher(self, cfg, data: ImageData, device) -> FrozenTeacher | None:
+        if cfg.teacher is None:
+            return None
+        set_seed(cfg.seed)
+        model = build_model(cfg.teacher, num_classes=data.num_classes, channels=data.channels,
+                            data_size=data.image_size, role="teacher")
+        return FrozenTeacher(model, device)
+
+    def teacher_fingerprint(self, teacher: FrozenTeacher | None) -> str | None:
+        return fingerprint_model(teacher.model) if teacher is not None else None
+
+    def make_distiller(self, cfg, data: ImageData, teacher, *, baseline: bool) -> ClassificationDistiller:
+        set_seed(cfg.seed)  # baseline and distilled students start from the same weights
+        student = build_model(cfg.student, num_classes=data.num_classes, channels=data.channels,
+                              data_size=data.image_size, role="student")
+        terms = baseline_terms(cfg.distill) if baseline else cfg.distill.terms
+        return ClassificationDistiller(student, None if baseline else teacher, terms, cfg.distill.temperature,
+                                       cfg.data.augment)
+
+    def export(self, cfg, student, data: ImageData, out_dir: Path) -> Path:
+        return save_model(student, out_dir, class_names=data.class_names)
+
+    def evaluate(self, cfg, run_dir: Path, data: ImageData, teacher: FrozenTeacher | None, device,
+                 students: dict[str, Path]) -> dict[str, dict[str, Any]]:
+        """{"teacher"?, "student", "baseline"?: quality (+ efficiency)} on the test split."""
+        loader = make_loader(data.test, batch_size=cfg.eval.batch_size, shuffle=False, seed=cfg.seed)
+
+        def describe(model, reference):
+            model = model.to(device).eval()
+            out = classification_quality(model, loader, device, reference=reference)
+            if cfg.eval.efficiency:
+                example = torch.rand(1, data.channels, *data.image_size)
+                out.update(measure_efficiency(model, example, batch_size=cfg.eval.batch_size,
+                                              repeats=cfg.eval.latency_repeats, warmup=cfg.eval.warmup, device=device))
+            return out
+
+        parts = {name: describe(load_exported(run, f"{run}/student"), teacher) for name, run in students.items()}
+        if teacher is not None:
+            parts["teacher"] = describe(teacher.model, None)
+        return parts
