@@ -12,3 +12,8 @@ from kdkit.data.loader import collate, epoch_order, make_loader, num_batches
 
 __all__ = ["FileImageDataset", "ImageData", "TensorImageDataset", "augment_batch", "build_image_data", "collate",
            "epoch_order", "make_loader", "num_batches", "preprocess"]
+
+# Text data for task: lm (build_text_data, TextData, TextDataset)
+from kdkit.data.text import TextData, TextDataset, build_text_data, tokenizer_fingerprint  # noqa: E402
+
+__all__ += ["TextData", "TextDataset", "build_text_data", "tokenizer_fingerprint"]
