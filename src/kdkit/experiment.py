@@ -171,18 +171,18 @@ def train_run(cfg: Config, *, resume: bool = False, force: bool = False, overwri
                        resume=resume, force=force)
     _train_student(task, cfg, run_dir, data, teacher, acc, label="distilled" if teacher else "train",
                    baseline=teacher is None, resume=resume, force=force)
-    return evaluate_run(run_dir, cfg=cfg, data=data, teacher=teacher, accelerator=acc)
+    return evaluate_run(run_dir, cfg=cfg, data=data, teacher=teacher, accelerator=acc, task=task)
 
 
 def evaluate_run(run_dir: str | Path, *, cfg: Config | None = None, data=None, teacher=None,
-                 accelerator: Accelerator | None = None) -> dict[str, Any]:
+                 accelerator: Accelerator | None = None, task: Task | None = None) -> dict[str, Any]:
     """(Re-)evaluate a run's teacher, baseline and student on the test split and write metrics.json."""
     run_dir = Path(run_dir)
     if cfg is None:
         if not (run_dir / "config.yaml").is_file():
             raise UserError(f"{run_dir}: not a kdkit run directory (no config.yaml)")
         cfg = load_config(run_dir / "config.yaml")
-    task = get_task(cfg.task)
+    task = task or get_task(cfg.task)  # the task that built `data` and `teacher` (it keeps their tokenizers)
     acc = accelerator or make_accelerator(cfg, evaluation=True)
     data = data or task.build_data(cfg)
     if teacher is None and cfg.teacher is not None:
@@ -195,9 +195,11 @@ def evaluate_run(run_dir: str | Path, *, cfg: Config | None = None, data=None, t
         parts = task.evaluate(cfg, run_dir, data, teacher, acc.device, students)
         for name, run in students.items():
             parts[name].update(_train_info(run / "student"))
-        metrics = build_metrics(cfg.task, parts["student"], teacher=parts.get("teacher"), baseline=parts.get("baseline"))
+        metrics = build_metrics(cfg.task, parts["student"], teacher=parts.get("teacher"), baseline=parts.get("baseline"),
+                                quality_keys=task.quality_keys)
         metrics["test_samples"] = len(data.test)
         _write_json_atomic(run_dir / METRICS, metrics)
+        task.finish(run_dir, metrics)
     acc.wait_for_everyone()
     return metrics
 

@@ -166,6 +166,10 @@ def file_problems(cfg: Config) -> list[tuple[str, str]]:
             problems.append((f"{role}.run", f"{spec.run} is not a finished kdkit run (no student/kdkit.json); train it "
                                             "first (a run without a teacher) or point to one"))
     d = cfg.data
+    if cfg.task == "lm":
+        return problems + _text_problems(d)
+    if d.source == "text_files":
+        problems.append(("data.source", "text_files is for task: lm"))
     if d.source in ("image_folder", "hf", "jsonl") and not d.path:
         problems.append(("data.path", f"source {d.source} needs a path"))
     if d.source in ("image_folder", "hf", "jsonl") and d.image_size is None:
@@ -176,6 +180,26 @@ def file_problems(cfg: Config) -> list[tuple[str, str]]:
         problems.append(("data.path", f"file not found: {d.path}"))
     if d.source == "hf" and _missing_local_dir(d.path):
         problems.append(("data.path", f"directory not found: {d.path}"))
+    return problems
+
+
+def _text_problems(d) -> list[tuple[str, str]]:
+    """task: lm: text sources only, and the files they name."""
+    sources = [(f"data.text.mixture[{i}]", m.source, m.path) for i, m in enumerate(d.text.mixture or [])]
+    if not sources:
+        if d.source not in ("jsonl", "hf", "text_files"):
+            return [("data.source", f"task lm reads text: jsonl, hf or text_files (got {d.source})")]
+        if not d.path:
+            return [("data.path", f"source {d.source} needs a path")]
+        sources = [("data", d.source, d.path)]
+    problems = []
+    for where, kind, path in sources:
+        if kind == "jsonl" and not _local(path, "file"):
+            problems.append((f"{where}.path" if where != "data" else "data.path", f"file not found: {path}"))
+        if kind == "text_files" and not _local(path, "dir"):
+            problems.append((f"{where}.path" if where != "data" else "data.path", f"directory not found: {path}"))
+        if kind == "hf" and _missing_local_dir(path):
+            problems.append((f"{where}.path" if where != "data" else "data.path", f"directory not found: {path}"))
     return problems
 
 

@@ -68,6 +68,13 @@ class SubsetDataset(Dataset):
     def __getitem__(self, i: int) -> Any:
         return self.base[self.indices[i]]
 
+    def __getattr__(self, name: str) -> Any:
+        # a whole-batch fetch of the base (padded token batches, in-memory images) keeps working on the subset
+        if name == "get_batch" and hasattr(self.__dict__.get("base"), "get_batch"):
+            indices = torch.tensor(self.indices, dtype=torch.int64)
+            return lambda index: self.base.get_batch(indices[torch.as_tensor(index, dtype=torch.int64)])
+        raise AttributeError(name)
+
 
 def subset(ds: Dataset, index: torch.Tensor) -> Dataset:
     """ds restricted to `index` (int64 (K,)); in-memory datasets stay in-memory."""

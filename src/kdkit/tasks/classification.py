@@ -15,6 +15,10 @@ from kdkit.models import FrozenTeacher, build_model, fingerprint_model, load_exp
 
 
 class ClassificationTask:
+    quality_keys = ("accuracy", "top5")
+
+    def finish(self, run_dir: Path, metrics: dict) -> None:
+        """Nothing beyond metrics.json and the report."""
     def build_data(self, cfg) -> ImageData:
         return build_image_data(cfg.data, cfg.seed)
 

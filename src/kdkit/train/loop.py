@@ -176,7 +176,7 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------------------------
     def fit(self, *, resume: bool | Path = False, force: bool = False) -> TrainResult:
-        cfg, t, acc, s = self.cfg, self.cfg.train, self.acc, self.state
+        t, acc, s = self.cfg.train, self.acc, self.state
         if resume:
             self.resume(None if resume is True else Path(resume), force=force)
         history = History(self.run_dir / "history.jsonl", enabled=acc.is_main_process, truncate_after=s["global_step"])
@@ -250,6 +250,19 @@ class Trainer:
         s["elapsed_s"] = elapsed0 + time.perf_counter() - start
         self.save()
 
+    def _micro_weights(self, micro_batches: list[dict[str, torch.Tensor]]) -> list[float] | None:
+        """Per-micro-batch loss weights making the step's loss a mean over every loss unit (token) of the global
+        batch, whatever the split into micro-batches and processes; None for equal weights (1 / grad_accum).
+
+        A distiller whose losses are means over a varying number of units (tokens) gives `loss_units(batch)`;
+        DDP then averages gradients over processes, hence the factor of num_processes."""
+        units = getattr(self.distiller, "loss_units", None)
+        if units is None:
+            return None
+        counts = [float(units(b)) for b in micro_batches]
+        total = float(self.acc.reduce(torch.tensor(sum(counts), device=self.acc.device), reduction="sum"))
+        return [c * self.acc.num_processes / max(total, 1.0) for c in counts]
+
     def _stop_if_signalled(self) -> None:
         if self.stop_signal:
             path = self.save()
@@ -261,6 +274,7 @@ class Trainer:
         Sets `self.stop_signal` when this or any other rank has received a signal (`signal_received`)."""
         cfg, acc, s = self.cfg, self.acc, self.state
         n = len(micro_batches)
+        weights = self._micro_weights(micro_batches)
         totals: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(micro_batches):
             batch = {k: v.to(acc.device) for k, v in batch.items()}
@@ -270,9 +284,12 @@ class Trainer:
             sync = nullcontext() if i == n - 1 else acc.no_sync(self.model)
             with sync, acc.autocast():
                 out = self.distiller.step(batch, student=self.model)
-            acc.backward(out["loss"] / n)
+            if weights is None:
+                acc.backward(out["loss"] / n)
+            else:
+                acc.backward(out["loss"] * weights[i])
             for k, v in out.items():
-                totals[k] = totals.get(k, 0.0) + v.detach().float() / n
+                totals[k] = totals.get(k, 0.0) + v.detach().float() * (1 / n if weights is None else weights[i])
         # one reduction for the logged losses and the stop flag: the same numbers, hence decisions, on every rank
         flag = torch.tensor(float(signal_received), device=acc.device)
         stacked = acc.reduce(torch.stack([*totals.values(), flag]), reduction="mean")

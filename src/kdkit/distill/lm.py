@@ -1,0 +1,113 @@
+"""Causal-LM distillation on hidden states: the student's and teacher's heads are applied a chunk of positions at a
+time inside the fused losses, so no step ever holds (positions x vocabulary) logits.
+
+`LMDistiller.step(batch)` returns `{"loss", "<term>", ...}` like the image distiller. Labels follow Hugging Face
+(-100 on prompt and padding, not shifted); the next-token targets are built here once per batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from kdkit.config.schema import LossTerm
+from kdkit.losses import fused_cross_entropy, fused_divergence
+
+
+def next_token_targets(labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """labels (B, L) -> the token each position must predict: labels shifted left, ignore_index at the end."""
+    return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), ignore_index)], dim=1)
+
+
+class LMDistiller:
+    """Holds the student (a CausalLMStudent: forward -> hidden states; .head_weight) and, apart, the teacher."""
+
+    best_metric = ("perplexity", "min")
+
+    def __init__(self, student: nn.Module, teacher: Callable | None, terms: list[LossTerm], temperature: float,
+                 *, vocab_rows: int | None = None, chunk_size: int | None = None):
+        needs_teacher = [t.label for t in terms if t.kind == "kd"]
+        if needs_teacher and teacher is None:
+            raise ValueError(f"loss terms {needs_teacher} need a teacher")
+        self.student, self.teacher, self.terms = student, teacher, list(terms)
+        self.temperature, self.vocab_rows, self.chunk_size = temperature, vocab_rows, chunk_size
+
+    def prepare_batch(self, batch: dict[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
+        return batch
+
+    @staticmethod
+    def loss_units(batch: dict[str, Tensor]) -> int:
+        """Tokens the losses average over: the trainer weights micro-batches by them, so the step's loss is the mean
+        over every token of the global batch however it is split."""
+        return int((next_token_targets(batch["labels"]) != -100).sum())
+
+    def _kd(self, term: LossTerm, hidden: Tensor, teacher_out: tuple[Tensor, Tensor], target: Tensor) -> Tensor:
+        t = term.temperature or self.temperature
+        n = self.vocab_rows
+        s_w, (t_hidden, t_w) = self.student.head_weight, teacher_out
+        if n is not None:  # one tokenizer, padded heads of different sizes: the rows the tokenizer uses
+            s_w, t_w = s_w[:n], t_w[:n]
+        return t * t * fused_divergence(hidden, s_w, t_hidden, t_w, kind=term.divergence, temperature=t,
+                                        beta=term.beta, labels=target, chunk_size=self.chunk_size)
+
+    def step(self, batch: dict[str, Tensor], student: Callable | None = None) -> dict[str, Tensor]:
+        student = student or self.student
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        target = next_token_targets(batch["labels"])  # (B, L)
+        hidden = student(ids, mask)  # (B, L, H): the base model's last hidden state, no logits
+        teacher_out = self.teacher(ids, mask) if any(t.kind == "kd" for t in self.terms) else None
+        parts: dict[str, Tensor] = {}
+        for term in self.terms:
+            if term.kind == "ce":
+                parts[term.label] = fused_cross_entropy(hidden, self.student.head_weight, target,
+                                                        label_smoothing=term.label_smoothing, chunk_size=self.chunk_size)
+            else:
+                parts[term.label] = self._kd(term, hidden, teacher_out, target)
+        total = torch.zeros((), device=hidden.device)
+        for term in self.terms:
+            total = total + term.weight * parts[term.label]
+        return {"loss": total, **parts}
+
+    @torch.no_grad()
+    def validate(self, model: nn.Module, loader, device, reduce: Callable[[Tensor], Tensor]) -> dict:
+        """Token-level cross-entropy and perplexity of `model` (a CausalLMStudent) over `loader`."""
+        return lm_quality(lambda ids, mask: (model(ids, mask), model.head_weight), loader, device, reduce=reduce,
+                          chunk_size=self.chunk_size)
+
+
+@torch.no_grad()
+def lm_quality(hidden_fn: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], loader, device, *,
+               reference: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None, vocab_rows: int | None = None,
+               reduce: Callable[[Tensor], Tensor] | None = None, chunk_size: int | None = None) -> dict:
+    """{"perplexity", "loss" (mean next-token CE), "tokens"} and, with a `reference` (the teacher), "kl_from_teacher":
+    the mean per-token KL(teacher || model) at T=1. `hidden_fn(ids, mask) -> (hidden (B, L, H), head (V, H))`."""
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # CE sum, KL sum, tokens
+    for batch in loader:
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        target = next_token_targets(batch["labels"].to(device))
+        count = int((target != -100).sum())
+        if count == 0:
+            continue
+        hidden, head = hidden_fn(ids, mask)
+        totals[0] += fused_cross_entropy(hidden, head, target, chunk_size=chunk_size).double() * count
+        if reference is not None:
+            t_hidden, t_head = reference(ids, mask)
+            n = vocab_rows or head.shape[0]
+            totals[1] += fused_divergence(hidden, head[:n], t_hidden, t_head[:n], kind="forward_kl", labels=target,
+                                          chunk_size=chunk_size).double() * count
+        totals[2] += count
+    if reduce is not None:
+        totals = reduce(totals)
+    ce_sum, kl_sum, tokens = totals.tolist()
+    if tokens == 0:
+        from kdkit.errors import DataError
+
+        raise DataError("the evaluation data has no labelled tokens (check the split sizes and data.limit_eval)")
+    loss = ce_sum / tokens
+    out = {"perplexity": round(math.exp(min(loss, 700.0)), 4), "loss": round(loss, 6), "tokens": int(tokens)}
+    if reference is not None:
+        out["kl_from_teacher"] = round(kl_sum / tokens, 6)
+    return out
