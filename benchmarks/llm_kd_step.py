@@ -5,7 +5,7 @@ Variants (each measured in a fresh process, so one's memory never hides another'
   teacher_fwd   the teacher's forward pass only (no_grad)
   naive         the seeds' recipe: full logits of both models, float32 log-softmax, F.kl_div, plus the CE
   liger         Liger-Kernel's fused-linear JSD (only when liger_kernel is installed; CUDA)
-  kdkit         kdkit.losses.fused_divergence + fused_cross_entropy on hidden states and the head weight
+  kdkit         what LMDistiller runs: kdkit.losses.fused_terms (KD + CE in one chunked pass over the head)
 
 On CUDA: Qwen2-shaped configs with random weights and Qwen2's real vocabulary (ANCHORS.md sizes); on CPU: small
 ones (hidden 256, vocabulary 32k, 4096 positions). Prints one JSON line; results go to benchmarks/RESULTS.md.
@@ -58,7 +58,7 @@ def _peak_mb() -> float:
 
 
 def run_variant(variant: str, pair: dict, batch: int, seq: int, steps: int) -> dict:
-    from kdkit.losses import fused_cross_entropy, fused_divergence
+    from kdkit.losses.fused import fused_terms
 
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
@@ -102,11 +102,11 @@ def run_variant(variant: str, pair: dict, batch: int, seq: int, steps: int) -> d
             with torch.no_grad():
                 t_hidden = teacher.model(input_ids=ids).last_hidden_state
             s_hidden = student.model(input_ids=ids).last_hidden_state
-            w = student.lm_head.weight
-            kd = fused_divergence(s_hidden, w, t_hidden, teacher.lm_head.weight, kind="forward_kl", temperature=T,
-                                  labels=shifted) * T * T
-            ce = fused_cross_entropy(s_hidden, w, shifted)
-            (ALPHA * kd + (1 - ALPHA) * ce).backward()
+            terms = [{"name": "ce", "kind": "ce", "weight": 1 - ALPHA},
+                     {"name": "kd", "kind": "forward_kl", "weight": ALPHA, "temperature": T, "scale": T * T}]
+            loss, _ = fused_terms(s_hidden, student.lm_head.weight, shifted, terms, teacher_hidden=t_hidden,
+                                  teacher_weight=teacher.lm_head.weight)
+            loss.backward()
         student.zero_grad(set_to_none=True)
 
     step()  # warm-up (and the allocator's first growth)

@@ -90,7 +90,7 @@ def test_splitting_the_batch_into_micro_batches_gives_the_same_step(lm_setup, tm
 
     whole, split = run("whole", 8, 1), run("split", 2, 4)
     for k in whole:
-        torch.testing.assert_close(split[k], whole[k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(split[k], whole[k], rtol=1e-4, atol=1e-5)
 
 
 def test_llama_pair_with_a_lora_student_trains_and_exports_merged(lm_setup, tmp_path):
@@ -113,3 +113,46 @@ def test_llama_pair_with_a_lora_student_trains_and_exports_merged(lm_setup, tmp_
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student")  # plain transformers, no peft
     changed = [k for k, v in merged.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
     assert changed and all(("q_proj" in k or "v_proj" in k) for k in changed)  # only the adapted weights moved
+
+
+def _weights(run):
+    from safetensors.torch import load_file
+
+    return load_file(str(next((run / "student").glob("*.safetensors"))))
+
+
+def _quick(cfg):
+    cfg["compare_baseline"] = False
+    cfg["eval"].update(generate_samples=0, efficiency=False)
+    return cfg
+
+
+def test_two_processes_equal_one_and_a_resume_is_exact(lm_setup, tmp_path):
+    """2 processes x 4 samples = 1 process x 8 (token-weighted across ranks); a run cut at step 2 and resumed
+    ends bit-identical to the straight one."""
+    import shutil
+
+    from kdkit.config import validate
+    from kdkit.experiment import train_run
+    from kdkit.train import checkpoint as ckpt
+    from procs import kdkit_train
+
+    one = _quick(lm_config(lm_setup, tmp_path / "one", batch_size=8, max_steps=4, save_every=2, keep_last=5))
+    train_run(validate(one))
+    two = write_yaml(tmp_path / "two.yaml", _quick(lm_config(lm_setup, tmp_path / "two", batch_size=4, max_steps=4)))
+    done = kdkit_train(two, processes=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "one", cut)
+    shutil.rmtree(cut / "student")
+    for d in ckpt.step_checkpoints(cut / "checkpoints"):
+        if int(d.name.split("-")[1]) > 2:
+            shutil.rmtree(d)
+    one["output_dir"] = str(cut)
+    train_run(validate(one), resume=True)
+    c = _weights(cut)
+    assert all(torch.equal(a[k], c[k]) for k in a)

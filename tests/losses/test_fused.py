@@ -133,3 +133,57 @@ def test_bad_shapes_are_refused():
         fused_divergence(hs, ws, ht, wt, labels=labels[:, :-1])
     with pytest.raises(ValueError, match="unknown divergence"):
         fused_divergence(hs, ws, ht, wt, kind="kl")
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 4.0])
+@pytest.mark.parametrize("kind", DIVERGENCE_KINDS)
+def test_float32_and_temperatures(kind, temperature):
+    hs, ws, ht, wt, labels = _inputs(torch.float32)
+    kwargs = dict(kind=kind, temperature=temperature, beta=0.3, labels=labels)
+    ref = divergence(hs @ ws.T, ht @ wt.T, **kwargs)
+    out = fused_divergence(hs, ws, ht, wt, chunk_size=3, **kwargs)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(_grads(out, hs, ws), _grads(ref, hs, ws)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", DIVERGENCE_KINDS)
+def test_minus_inf_padded_vocabulary_rows_give_finite_values_and_gradients(kind):
+    """Padded head rows whose logits are -inf in both models (as a -inf bias would make them)."""
+    hs, ws, ht, wt, labels = _inputs()
+    pad = torch.zeros(V, dtype=torch.bool)
+    pad[-3:] = True
+    # a constant 1 column carries a bias of -inf on the padded rows, as a biased head does in kdkit.models.causal
+    one = torch.ones(*hs.shape[:-1], 1, dtype=hs.dtype)
+    bias = torch.zeros(V, 1, dtype=hs.dtype).masked_fill(pad[:, None], float("-inf"))
+    hs1 = torch.cat([hs, one], -1)
+    ws1 = torch.cat([ws, bias], -1)
+    ht1, wt1 = torch.cat([ht, one], -1), torch.cat([wt, bias], -1)
+    out = fused_divergence(hs1, ws1, ht1, wt1, kind=kind, labels=labels, chunk_size=4)
+    assert torch.isfinite(out)
+    gh, = torch.autograd.grad(out, hs)
+    assert torch.isfinite(gh).all()
+    ref = divergence((hs @ ws.T)[..., :-3], (ht @ wt.T)[..., :-3], kind=kind, labels=labels)
+    torch.testing.assert_close(out, ref)
+
+
+def test_fused_terms_equal_the_separate_losses_in_one_pass():
+    from kdkit.losses.fused import fused_terms
+
+    hs, ws, ht, wt, labels = _inputs()
+    wt_padded = torch.cat([wt, torch.randn(2, HT, dtype=wt.dtype)])  # a teacher head with 2 padded rows
+    terms = [{"name": "ce", "kind": "ce", "weight": 0.1, "label_smoothing": 0.1},
+             {"name": "kd", "kind": "forward_kl", "weight": 0.9, "temperature": 2.0, "scale": 4.0},
+             {"name": "jsd", "kind": "jsd", "weight": 0.5, "temperature": 1.0, "beta": 0.3}]
+    total, parts = fused_terms(hs, ws, labels, terms, teacher_hidden=ht, teacher_weight=wt_padded, vocab_rows=V,
+                               chunk_size=4)
+    ce = cross_entropy(hs @ ws.T, labels, label_smoothing=0.1)
+    kd = 4.0 * divergence(hs @ ws.T, ht @ wt.T, kind="forward_kl", temperature=2.0, labels=labels)
+    jsd = divergence(hs @ ws.T, ht @ wt.T, kind="jsd", beta=0.3, labels=labels)
+    ref = 0.1 * ce + 0.9 * kd + 0.5 * jsd
+    torch.testing.assert_close(total, ref)
+    torch.testing.assert_close(parts["ce"], ce.detach())
+    torch.testing.assert_close(parts["kd"], kd.detach())
+    torch.testing.assert_close(parts["jsd"], jsd.detach())
+    for a, b in zip(_grads(total, hs, ws), _grads(ref, hs, ws)):
+        torch.testing.assert_close(a, b)

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from kdkit.config.schema import LossTerm
 from kdkit.losses import fused_cross_entropy, fused_divergence
+from kdkit.losses.fused import fused_terms
 
 
 def next_token_targets(labels: Tensor, ignore_index: int = -100) -> Tensor:
@@ -44,31 +45,25 @@ class LMDistiller:
         over every token of the global batch however it is split."""
         return int((next_token_targets(batch["labels"]) != -100).sum())
 
-    def _kd(self, term: LossTerm, hidden: Tensor, teacher_out: tuple[Tensor, Tensor], target: Tensor) -> Tensor:
+    def _term(self, term: LossTerm) -> dict:
+        if term.kind == "ce":
+            return {"name": term.label, "kind": "ce", "weight": term.weight, "label_smoothing": term.label_smoothing}
         t = term.temperature or self.temperature
-        n = self.vocab_rows
-        s_w, (t_hidden, t_w) = self.student.head_weight, teacher_out
-        if n is not None:  # one tokenizer, padded heads of different sizes: the rows the tokenizer uses
-            s_w, t_w = s_w[:n], t_w[:n]
-        return t * t * fused_divergence(hidden, s_w, t_hidden, t_w, kind=term.divergence, temperature=t,
-                                        beta=term.beta, labels=target, chunk_size=self.chunk_size)
+        return {"name": term.label, "kind": term.divergence, "weight": term.weight, "temperature": t, "beta": term.beta,
+                "scale": t * t}  # Hinton's T^2
 
     def step(self, batch: dict[str, Tensor], student: Callable | None = None) -> dict[str, Tensor]:
+        """Every term in one chunked pass over the student's logits (fused_terms): the head is applied once."""
         student = student or self.student
         ids, mask = batch["input_ids"], batch["attention_mask"]
         target = next_token_targets(batch["labels"])  # (B, L)
         hidden = student(ids, mask)  # (B, L, H): the base model's last hidden state, no logits
-        teacher_out = self.teacher(ids, mask) if any(t.kind == "kd" for t in self.terms) else None
-        parts: dict[str, Tensor] = {}
-        for term in self.terms:
-            if term.kind == "ce":
-                parts[term.label] = fused_cross_entropy(hidden, self.student.head_weight, target,
-                                                        label_smoothing=term.label_smoothing, chunk_size=self.chunk_size)
-            else:
-                parts[term.label] = self._kd(term, hidden, teacher_out, target)
-        total = torch.zeros((), device=hidden.device)
-        for term in self.terms:
-            total = total + term.weight * parts[term.label]
+        t_hidden = t_weight = None
+        if any(t.kind == "kd" for t in self.terms):
+            t_hidden, t_weight = self.teacher(ids, mask)
+        total, parts = fused_terms(hidden, self.student.head_weight, target, [self._term(t) for t in self.terms],
+                                   teacher_hidden=t_hidden, teacher_weight=t_weight, vocab_rows=self.vocab_rows,
+                                   chunk_size=self.chunk_size)
         return {"loss": total, **parts}
 
     @torch.no_grad()

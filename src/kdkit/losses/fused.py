@@ -136,3 +136,48 @@ def fused_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torc
     h, (y,), count = _kept_rows(hidden, labels, ignore_index, labels)
     total = _ChunkedHeadLoss.apply(h, weight, loss_fn, _chunk_rows(chunk_size, weight.shape[0]), y)
     return total / max(count, 1)
+
+
+def fused_terms(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, terms: list[dict], *,
+                teacher_hidden: torch.Tensor | None = None, teacher_weight: torch.Tensor | None = None,
+                vocab_rows: int | None = None, ignore_index: int = -100,
+                chunk_size: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Several weighted terms in ONE chunked pass over the student's logits: (weighted total, {name: value}).
+
+    Each term is {"name", "weight", "kind": "ce" | a divergence kind, ...}: ce takes `label_smoothing`; a divergence
+    takes `temperature`, `beta` and `scale` (T^2 for Hinton KD) and compares the first `vocab_rows` rows of both
+    heads (all when None). Each value equals its own fused_cross_entropy / fused_divergence (times scale); the
+    total's gradient is their weighted sum, computed while each chunk's logits exist once. Values are detached.
+    """
+    dtype = compute_dtype(hidden, weight)
+    n = vocab_rows or weight.shape[0]
+    sums = {t["name"]: torch.zeros((), dtype=dtype, device=hidden.device) for t in terms}
+    kd = [t for t in terms if t["kind"] != "ce"]
+    if kd and (teacher_hidden is None or teacher_weight is None):
+        raise ValueError(f"terms {[t['name'] for t in kd]} need the teacher's hidden states and head weight")
+    t_weight = teacher_weight.detach()[:n] if kd else None
+
+    def loss_fn(s_logits: torch.Tensor, target: torch.Tensor, *t_hidden: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros((), dtype=dtype, device=s_logits.device)
+        t_logits = None
+        if kd:
+            with torch.no_grad():
+                t_logits = (t_hidden[0] @ t_weight.T).to(dtype)  # (C, n)
+        for t in terms:
+            if t["kind"] == "ce":
+                value = F.cross_entropy(s_logits.to(dtype), target, reduction="sum",
+                                        label_smoothing=t.get("label_smoothing", 0.0))
+            else:
+                temp = t["temperature"]
+                log_s = F.log_softmax(s_logits[:, :n].to(dtype) / temp, -1)
+                log_t = F.log_softmax(t_logits / temp, -1)
+                value = t.get("scale", 1.0) * _per_position(t["kind"], log_s, log_t, t.get("beta", 0.5)).sum()
+            sums[t["name"]] += value.detach()
+            total = total + t["weight"] * value
+        return total
+
+    rows = [teacher_hidden.detach()] if kd else []
+    h, flat, count = _kept_rows(hidden, labels, ignore_index, labels, *rows)
+    total = _ChunkedHeadLoss.apply(h, weight, loss_fn, _chunk_rows(chunk_size, weight.shape[0]), *flat)
+    denom = max(count, 1)
+    return total / denom, {name: value / denom for name, value in sums.items()}
