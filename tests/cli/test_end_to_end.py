@@ -105,3 +105,15 @@ def test_demo_quick(tmp_path):
     assert {"teacher", "baseline", "student", "gain", "compression"} <= m.keys()
     assert m["compression"] >= 10
     assert (out / "report.md").is_file() and (out / "baseline" / "student" / "kdkit.json").is_file()
+
+
+def test_lm_demo_quick(tmp_path, capsys):
+    """The language-model demo's code path on a tiny budget (the quick mode reads one package of the standard
+    library; without a shipped teacher it first trains one, also on the quick budget, into the test cache)."""
+    out = tmp_path / "lm_demo"
+    assert main(["demo", "--task", "lm", "--quick", "--output", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["task"] == "lm" and {"teacher", "baseline", "student", "gain", "compression"} <= m.keys()
+    assert all(m[k]["perplexity"] > 1 for k in ("teacher", "baseline", "student"))
+    assert "distilled / baseline test perplexity" in capsys.readouterr().out
+    assert (out / "report.md").is_file() and (out / "student" / "README.md").is_file()

@@ -439,3 +439,14 @@ def test_no_eos_is_a_config_error(tok):
     tok.eos_token = None
     with pytest.raises(ConfigError, match="no EOS"):
         TextEncoder(tok, 32)
+
+
+def test_text_files_exclude_patterns(tmp_path):
+    from kdkit.data.text_sources import load_text_files
+
+    for rel in ("a.py", "pkg/b.py", "site-packages/x/c.py", "test/test_d.py"):
+        f = tmp_path / "lib" / rel
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(f"# {rel}\nx = 1\n")
+    src = load_text_files(str(tmp_path / "lib"), "**/*.py", "auto", "data", exclude=["site-packages/*", "test/*"])
+    assert src.identity["files"] == ["a.py", "pkg/b.py"]

@@ -196,7 +196,7 @@ def _text_problems(d) -> list[tuple[str, str]]:
     for where, kind, path in sources:
         if kind == "jsonl" and not _local(path, "file"):
             problems.append((f"{where}.path" if where != "data" else "data.path", f"file not found: {path}"))
-        if kind == "text_files" and not _local(path, "dir"):
+        if kind == "text_files" and path != "python:stdlib" and not _local(path, "dir"):
             problems.append((f"{where}.path" if where != "data" else "data.path", f"directory not found: {path}"))
         if kind == "hf" and _missing_local_dir(path):
             problems.append((f"{where}.path" if where != "data" else "data.path", f"directory not found: {path}"))

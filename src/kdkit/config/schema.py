@@ -42,6 +42,7 @@ class TextSource(Section):
     weight: float = Field(1.0, gt=0.0, description="Sampling weight: this source's share of the training samples is weight / sum of weights.")
     format: Literal["auto", "instruction", "chat", "text"] = Field("auto", description="As data.text.format, for this source.")
     glob: str = Field("**/*.txt", description="text_files: which files under path.")
+    exclude: list[str] = Field(default_factory=list, description="text_files: patterns of files to leave out (as data.text.exclude).")
     train_split: str = Field("train", description="hf: the split read.")
 
 
@@ -55,6 +56,8 @@ class TextConfig(Section):
     max_length: int = Field(512, gt=1, description="Tokens per sample; longer samples are truncated (the response keeps its start).")
     packing: bool = Field(False, description="text: concatenate documents (separated by EOS) and cut them into max_length blocks.")
     glob: str = Field("**/*.txt", description="text_files: which files under data.path (e.g. '**/*.py').")
+    exclude: list[str] = Field(default_factory=list, description="text_files: fnmatch patterns of paths relative to "
+                               "data.path to leave out, '*' crossing '/' (e.g. ['site-packages/*', 'test/*']).")
     mixture: Optional[list[TextSource]] = Field(
         None, description="Several sources with sampling weights (instruction, code, multilingual, ...); replaces data.source/path.")
     chat_template: bool = Field(True, description="Format prompts with the student tokenizer's chat template when it has one "

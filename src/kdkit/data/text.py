@@ -223,15 +223,15 @@ def _load_sources(cfg: DataConfig, seed: int) -> list[_Source]:
     default_test = DataConfig.model_fields["test_split"].default
     strict = {"val_split"} | ({"test_split"} if cfg.test_split != default_test else set())
     if text.mixture:
-        specs = [(f"data.text.mixture[{i}]", s.source, s.path, s.format, s.glob, s.train_split, s.weight)
+        specs = [(f"data.text.mixture[{i}]", s.source, s.path, s.format, s.glob, s.train_split, s.weight, s.exclude)
                  for i, s in enumerate(text.mixture)]
         strict = set()  # a mixture's hf sources use data.test_split / val_split only where they have them
     else:
-        specs = [("data", cfg.source, cfg.path, text.format, text.glob, cfg.train_split, 1.0)]
+        specs = [("data", cfg.source, cfg.path, text.format, text.glob, cfg.train_split, 1.0, text.exclude)]
     sources = []
-    for key, kind, path, fmt, glob, train_split, weight in specs:
+    for key, kind, path, fmt, glob, train_split, weight, exclude in specs:
         src = load_records(kind, path, fmt, glob=glob, train_split=train_split, test_split=cfg.test_split,
-                           val_split=cfg.val_split, key=key, strict=strict)
+                           val_split=cfg.val_split, key=key, strict=strict, exclude=exclude)
         packed = text.packing and src.format == "text"
         if text.packing and not packed and not text.mixture:
             raise ConfigError([("data.text.packing", f"packing is for plain text; {path} holds {src.format} records")])

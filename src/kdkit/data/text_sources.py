@@ -11,10 +11,12 @@ A record is (where, fields): `where` names it in errors ("data.jsonl:7", "hf spl
 
 from __future__ import annotations
 
+import fnmatch
+
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 from kdkit.data.jsonl import read_jsonl
 from kdkit.errors import ConfigError, DataError
@@ -107,15 +109,20 @@ def load_jsonl_records(path: str, fmt: str) -> SourceRecords:
     return SourceRecords(format=fmt, train=records, identity={"kind": "jsonl", "path": str(path)})
 
 
-def load_text_files(path: str, glob: str, fmt: str, key: str) -> SourceRecords:
-    """Every file under `path` matching `glob` (sorted by relative path) is one text document."""
+def load_text_files(path: str, glob: str, fmt: str, key: str, exclude: Sequence[str] = ()) -> SourceRecords:
+    """Every file under `path` matching `glob` and no `exclude` pattern (fnmatch on the path relative to `path`,
+    where * also crosses /), sorted by relative path, is one text document."""
     if fmt not in ("auto", "text"):
         raise ConfigError([(f"{key}.format" if key != "data" else "data.text.format",
                             f"text_files are plain text: format must be text or auto, not {fmt}")])
-    root = Path(path).expanduser()
+    from kdkit.data.corpus import resolve_path
+
+    root = Path(resolve_path(path)).expanduser()
     if not root.is_dir():
         raise DataError(f"{path}: not a directory (text_files needs a directory of text files)")
-    files = sorted((p for p in root.glob(glob) if p.is_file()), key=lambda p: p.relative_to(root).as_posix())
+    files = sorted((p for p in root.glob(glob) if p.is_file()
+                    and not any(fnmatch.fnmatchcase(p.relative_to(root).as_posix(), x) for x in exclude)),
+                   key=lambda p: p.relative_to(root).as_posix())
     if not files:
         raise DataError(f"{path}: no file matches {glob!r}")
     records: list[Record] = []
@@ -140,7 +147,7 @@ def load_text_files(path: str, glob: str, fmt: str, key: str) -> SourceRecords:
     if not records:
         raise DataError(f"{path}: none of the {len(files)} file(s) matching {glob!r} holds readable UTF-8 text")
     return SourceRecords(format="text", train=records,
-                         identity={"kind": "text_files", "path": str(path), "glob": glob,
+                         identity={"kind": "text_files", "path": str(path), "glob": glob, "exclude": list(exclude),
                                    "files": [p.relative_to(root).as_posix() for p in files]})
 
 
@@ -205,14 +212,14 @@ def load_hf_records(path: str, fmt: str, train_split: str, test_split: Optional[
 
 def load_records(kind: str, path: Optional[str], fmt: str, *, glob: str, train_split: str,
                  test_split: Optional[str], val_split: Optional[str], key: str,
-                 strict: Iterable[str] = ()) -> SourceRecords:
+                 strict: Iterable[str] = (), exclude: Sequence[str] = ()) -> SourceRecords:
     """Read one source. `key` is the config path of the source's settings ("data" or "data.text.mixture[i]")."""
     if not path:
         raise ConfigError([(f"{key}.path", f"source {kind} needs a path")])
     if kind == "jsonl":
         return load_jsonl_records(path, fmt)
     if kind == "text_files":
-        return load_text_files(path, glob, fmt, key)
+        return load_text_files(path, glob, fmt, key, exclude)
     if kind == "hf":
         return load_hf_records(path, fmt, train_split, test_split, val_split, key=key, strict=set(strict))
     raise ConfigError([(f"{key}.source", f"source {kind!r} is not a text source (jsonl, hf or text_files)")])

@@ -13,7 +13,8 @@ from kdkit.evaluate.table import comparison_table, render_markdown_table
 from kdkit.report import plots
 from kdkit.report.history import is_number, loss_parts, of_kind, read_history, series
 
-QUALITY_BY_TASK = {"classification": "accuracy", "causal_lm": "perplexity", "vision_language": "exact_match"}
+QUALITY_BY_TASK = {"classification": "accuracy", "lm": "perplexity", "causal_lm": "perplexity",
+                   "vision_language": "exact_match"}
 
 
 def _read_json(path: Path) -> dict:
@@ -127,7 +128,8 @@ def _headline(key: str, metrics: dict) -> str:
     if is_number(metrics.get("compression")):
         parts.append(f"it has {metrics['compression']:.3g}x fewer parameters than the teacher")
     if is_number(metrics.get("speedup")):
-        parts.append(f"it runs a single sample {metrics['speedup']:.3g}x as fast as the teacher")
+        parts.append(f"it answers {metrics['speedup']:.3g}x as fast as the teacher" if key == "perplexity" else
+                     f"it runs a single sample {metrics['speedup']:.3g}x as fast as the teacher")
     if not parts:
         return ""
     sentence = "; ".join(parts)
@@ -187,10 +189,16 @@ def write_report(run_dir: str | Path) -> Path:
     lines += ["", "## Results", "", _headline(key, metrics) + render_markdown_table(comparison_table(metrics))]
     batch = (config.get("eval") or {}).get("batch_size")
     at = f"batch size {int(batch):,}" if is_number(batch) else "the evaluation batch size"
-    lines += [f"Quality is measured on the test split. Latency is the median single-sample forward pass; "
-              f"throughput is samples per second at {at}; "
-              "peak memory is the device's peak allocation (CUDA) or the process's approximate resident growth (CPU) "
-              "during the throughput run.", ""]
+    if task == "lm":
+        new = (config.get("eval") or {}).get("max_new_tokens", "eval.max_new_tokens")
+        lines += [f"Quality is measured on the test split (perplexity of the next token; KL from the teacher). "
+                  f"Latency is the median time to answer one test prompt greedily (up to {new} new tokens); "
+                  "throughput is generated tokens per second; peak memory is the device's peak allocation (CUDA).", ""]
+    else:
+        lines += [f"Quality is measured on the test split. Latency is the median single-sample forward pass; "
+                  f"throughput is samples per second at {at}; "
+                  "peak memory is the device's peak allocation (CUDA) or the process's approximate resident growth "
+                  "(CPU) during the throughput run.", ""]
     runs = {"Distilled": history} if baseline is None else {"Distilled": history, "Baseline": baseline}
     lines += ["## Training", "", _training_summary(key, runs)]
     lines += ["## Plots", "", "![Training loss per part](plots/loss.png)", "",
