@@ -117,8 +117,8 @@ def test_logits_are_never_held_for_all_positions(monkeypatch):
 
 
 def test_default_chunk_is_bounded_by_elements():
-    assert fused_module._chunk_rows(None, 152064) == (1 << 24) // 152064
-    assert fused_module._chunk_rows(None, 10**9) == 1
+    assert fused_module._chunk_rows(None, 32000) == (1 << 22) // 32000
+    assert fused_module._chunk_rows(None, 10**9) == fused_module.MIN_CHUNK_ROWS
     with pytest.raises(ValueError):
         fused_module._chunk_rows(0, 10)
 
