@@ -14,18 +14,18 @@ def not_a_module():
 
 
 class _Flaky(nn.Module):
-    """Returns NaN logits on chosen training forward calls: exercises the non-finite step guard."""
+    """Applies `fault` to the output of chosen training forward calls: exercises the non-finite step guard."""
 
-    def __init__(self, net: nn.Module, bad_calls: tuple[int, ...]):
+    def __init__(self, net: nn.Module, bad_calls: tuple[int, ...], fault=lambda out: out * float("nan")):
         super().__init__()
-        self.net, self.bad_calls, self.calls = net, set(bad_calls), 0
+        self.net, self.bad_calls, self.calls, self.fault = net, set(bad_calls), 0, fault
 
     def forward(self, x):
         out = self.net(x)
         if self.training:
             self.calls += 1
             if self.calls in self.bad_calls:
-                return out * float("nan")
+                return self.fault(out)
         return out
 
 
@@ -51,22 +51,6 @@ def memory_limited_mlp(num_classes: int = 10, in_channels: int = 1, size: int = 
     return _MemoryLimited(tiny_mlp(num_classes, in_channels, size, hidden=8, dropout=dropout), max_batch)
 
 
-class _GradBomb(nn.Module):
-    """Finite outputs whose gradient is NaN on chosen training calls: a non-finite gradient with a finite loss."""
-
-    def __init__(self, net: nn.Module, bad_calls: tuple[int, ...]):
-        super().__init__()
-        self.net, self.bad_calls, self.calls = net, set(bad_calls), 0
-
-    def forward(self, x):
-        out = self.net(x)
-        if self.training:
-            self.calls += 1
-            if self.calls in self.bad_calls:
-                return _NanGrad.apply(out)
-        return out
-
-
 class _NanGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
@@ -78,4 +62,5 @@ class _NanGrad(torch.autograd.Function):
 
 
 def nan_grad_mlp(num_classes: int = 10, in_channels: int = 1, size: int = 8, bad_calls: tuple = (2,)) -> nn.Module:
-    return _GradBomb(tiny_mlp(num_classes, in_channels, size, hidden=8, dropout=0.0), tuple(bad_calls))
+    """Finite outputs whose gradient is NaN on chosen calls: a non-finite gradient with a finite loss."""
+    return _Flaky(tiny_mlp(num_classes, in_channels, size, hidden=8, dropout=0.0), tuple(bad_calls), _NanGrad.apply)

@@ -18,24 +18,25 @@ from kdkit.data.images import pil_channels, pil_to_tensor, to_pil
 from kdkit.errors import ConfigError, DataError
 
 
-def _open(path: str) -> dict[str, Any]:
-    """split name -> datasets.Dataset."""
+def open_hf_dataset(path: str, key: str = "data.path") -> dict[str, Any]:
+    """split name -> datasets.Dataset, from a save_to_disk directory, a local data directory or a hub ID; problems
+    are ConfigErrors at `key` (the config path naming the dataset)."""
     try:
         import datasets
     except ImportError as e:
-        raise DataError("data.source=hf needs the `datasets` package: pip install 'kdkit[hf]'") from e
+        raise DataError("source hf needs the `datasets` package: pip install 'kdkit[hf]'") from e
     local = Path(path).expanduser()
     try:
         if local.is_dir() and ((local / "dataset_dict.json").is_file() or (local / "state.json").is_file()):
             obj = datasets.load_from_disk(str(local))
         else:
             obj = datasets.load_dataset(str(local) if local.exists() else path)
-    except Exception as e:  # not found, no network, bad format: all mean data.path does not name a usable dataset
-        raise ConfigError([("data.path", f"cannot load Hugging Face dataset {path!r}: {type(e).__name__}: {e}")]) from e
+    except Exception as e:  # not found, no network, bad format: all mean the path does not name a usable dataset
+        raise ConfigError([(key, f"cannot load Hugging Face dataset {path!r}: {type(e).__name__}: {e}")]) from e
     if isinstance(obj, datasets.Dataset):  # a single saved split
         return {"train": obj}
     if not isinstance(obj, datasets.DatasetDict):
-        raise ConfigError([("data.path", f"{path!r} loads as {type(obj).__name__}; a map-style DatasetDict is needed")])
+        raise ConfigError([(key, f"{path!r} loads as {type(obj).__name__}; a map-style DatasetDict is needed")])
     return dict(obj)
 
 
@@ -111,7 +112,7 @@ def load_hf(cfg: Any) -> SourceData:
     if problems:
         raise ConfigError(problems)
     size = (int(cfg.image_size[0]), int(cfg.image_size[1]))
-    splits = _open(cfg.path)
+    splits = open_hf_dataset(cfg.path)
     wanted = {"train": (cfg.train_split, "data.train_split")}
     if cfg.test_split is not None:
         wanted["test"] = (cfg.test_split, "data.test_split")

@@ -151,27 +151,6 @@ def load_text_files(path: str, glob: str, fmt: str, key: str, exclude: Sequence[
                                    "files": [p.relative_to(root).as_posix() for p in files]})
 
 
-def _open_hf(path: str, key: str) -> dict[str, Any]:
-    """split name -> datasets.Dataset, from a save_to_disk directory, a local data directory or a hub ID."""
-    try:
-        import datasets
-    except ImportError as e:
-        raise DataError("source hf needs the `datasets` package: pip install 'kdkit[hf]'") from e
-    local = Path(path).expanduser()
-    try:
-        if local.is_dir() and ((local / "dataset_dict.json").is_file() or (local / "state.json").is_file()):
-            obj = datasets.load_from_disk(str(local))
-        else:
-            obj = datasets.load_dataset(str(local) if local.exists() else path)
-    except Exception as e:  # not found, offline, bad format: the path does not name a usable dataset
-        raise ConfigError([(key, f"cannot load Hugging Face dataset {path!r}: {type(e).__name__}: {e}")]) from e
-    if isinstance(obj, datasets.Dataset):
-        return {"train": obj}
-    if not isinstance(obj, datasets.DatasetDict):
-        raise ConfigError([(key, f"{path!r} loads as {type(obj).__name__}; a map-style DatasetDict is needed")])
-    return dict(obj)
-
-
 _COLUMNS = {"instruction": ("instruction", "context", "input", "response"), "chat": ("messages",), "text": ("text",)}
 
 
@@ -186,7 +165,9 @@ def load_hf_records(path: str, fmt: str, train_split: str, test_split: Optional[
                     *, key: str, strict: set[str]) -> SourceRecords:
     """train_split is required; test_split / val_split are used when the dataset has them, and a missing one is a
     ConfigError only when its config key is in `strict` (else it is carved from train by the caller)."""
-    splits = _open_hf(path, f"{key}.path" if key != "data" else "data.path")
+    from kdkit.data.hf import open_hf_dataset
+
+    splits = open_hf_dataset(path, f"{key}.path" if key != "data" else "data.path")
     if train_split not in splits:
         raise ConfigError([(f"{key}.train_split", f"split {train_split!r} not in {path!r}; "
                             f"available splits: {sorted(splits)}")])

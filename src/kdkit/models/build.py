@@ -161,8 +161,9 @@ def _hf_model(spec: ModelConfig, num_classes: int, channels: int, where: str, ro
     return net, pre
 
 
-def load_exported(path: str | Path, where: str) -> ImageClassifier:
-    """Load what `save_model` wrote (a run directory or its student/ directory)."""
+def read_export(path: str | Path, where: str) -> tuple[Path, dict]:
+    """(the exported model's directory, its kdkit.json) for a run directory or its student/ directory; UserError
+    naming `where` when there is none or it is not JSON."""
     path = Path(path).expanduser()
     if (path / "student" / KDKIT_JSON).is_file():
         path = path / "student"
@@ -171,6 +172,18 @@ def load_exported(path: str | Path, where: str) -> ImageClassifier:
         raise UserError(f"{where}: {path} is not a kdkit run or exported model (no {KDKIT_JSON})")
     try:
         meta = json.loads(meta_file.read_text())
+    except ValueError as err:
+        raise UserError(f"{where}: {meta_file} is malformed ({err})") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{where}: {meta_file} is malformed (not a JSON object)")
+    return path, meta
+
+
+def load_exported(path: str | Path, where: str) -> ImageClassifier:
+    """Load what `save_model` wrote (a run directory or its student/ directory)."""
+    path, meta = read_export(path, where)
+    meta_file = path / KDKIT_JSON
+    try:
         pre = dict(image_size=meta["image_size"], mean=meta["mean"], std=meta["std"], num_classes=meta["num_classes"])
         fmt = meta["format"]
     except (ValueError, KeyError, TypeError) as err:

@@ -39,18 +39,11 @@ def _check_local(path: str, where: str) -> None:
 
 def export_dir(path: str | Path, where: str) -> Path:
     """The exported causal LM of a kdkit run directory (or that student/ directory itself); UserError otherwise."""
-    path = Path(path).expanduser()
-    if (path / "student" / KDKIT_JSON).is_file():
-        path = path / "student"
-    meta_file = path / KDKIT_JSON
-    if not meta_file.is_file():
-        raise UserError(f"{where}: {path} is not a kdkit run or exported model (no {KDKIT_JSON})")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except ValueError as err:
-        raise UserError(f"{where}: {meta_file} is malformed ({err})") from None
-    if not isinstance(meta, dict) or meta.get("kind") != "causal_lm":
-        kind = meta.get("kind", "an image classifier") if isinstance(meta, dict) else "unknown"
+    from kdkit.models.build import read_export
+
+    path, meta = read_export(path, where)
+    if meta.get("kind") != "causal_lm":
+        kind = meta.get("kind", "an image classifier")
         raise UserError(f"{where}: {path} holds {kind}, not a causal language model (kind: causal_lm)")
     return path
 

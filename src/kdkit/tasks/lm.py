@@ -123,16 +123,13 @@ class LMTask:
 
         loader = make_loader(data.test, batch_size=cfg.eval.batch_size, shuffle=False, seed=cfg.seed)
         rows = None
-        reference = None
-        if teacher is not None:
-            reference = teacher
         parts: dict[str, dict] = {}
         for name, run in students.items():
             model = CausalLMStudent(load_causal_lm_export(run / "student")).to(device).eval()
             if teacher is not None:
                 rows = self._vocab_rows(model.vocab_rows, teacher)
             fn = lambda ids, mask, m=model: (m(ids, mask), m.head_weight)  # noqa: E731
-            parts[name] = lm_quality(fn, loader, device, reference=reference, vocab_rows=rows)
+            parts[name] = lm_quality(fn, loader, device, reference=teacher, vocab_rows=rows)
             parts[name].update(self._efficiency_and_answers(cfg, model.lm, data, device))
         if teacher is not None:
             parts["teacher"] = lm_quality(teacher, loader, device)
