@@ -15,13 +15,13 @@ import torch
 
 
 def main(run_dir: str, out_dir: str) -> None:
-    from transformers import AutoTokenizer
-
+    from kdkit.config.schema import ModelConfig
+    from kdkit.models.lm import load_tokenizer
     from kdkit.models.lora import load_causal_lm_export, save_causal_lm
 
     src = Path(run_dir) / "student"
     model = load_causal_lm_export(src, dtype=torch.float32).to(torch.float16)
-    tokenizer = AutoTokenizer.from_pretrained(src)
+    tokenizer = load_tokenizer(ModelConfig(run=run_dir), "teacher")  # the class it was saved as (see _as_declared)
     out = Path(out_dir)
     if out.exists():
         shutil.rmtree(out)

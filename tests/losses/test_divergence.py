@@ -53,13 +53,17 @@ def _ref_position(kind, p_s, p_t, beta):
         return _kl(p_s, beta * p_s + (1 - beta) * p_t)
     if kind == "tvd":
         return 0.5 * sum(abs(a - b) for a, b in zip(p_t.tolist(), p_s.tolist()))
+    if kind == "uld":  # sorted probabilities, the shorter list padded with zeros
+        a, b = sorted(p_s.tolist(), reverse=True), sorted(p_t.tolist(), reverse=True)
+        width = max(len(a), len(b))
+        a, b = a + [0.0] * (width - len(a)), b + [0.0] * (width - len(b))
+        return sum(abs(x - y) for x, y in zip(a, b))
     raise AssertionError(kind)
 
 
 def reference(student, teacher, kind, temperature=1.0, beta=0.5, labels=None, ignore_index=-100):
-    vocab = student.shape[-1]
-    s = student.detach().double().reshape(-1, vocab)
-    t = teacher.detach().double().reshape(-1, vocab)
+    s = student.detach().double().reshape(-1, student.shape[-1])
+    t = teacher.detach().double().reshape(-1, teacher.shape[-1])
     keep = [True] * s.shape[0] if labels is None else (labels.reshape(-1) != ignore_index).tolist()
     values = [
         _ref_position(kind, torch.softmax(s[i] / temperature, -1), torch.softmax(t[i] / temperature, -1), beta)
@@ -260,3 +264,26 @@ def test_cross_entropy_all_masked_and_dtype():
     assert value.dtype == torch.float32 and value.item() == 0.0
     value.backward()
     assert torch.equal(s.grad, torch.zeros_like(s.grad))
+
+
+# ---------------------------------------------------------------- ULD: vocabularies of different sizes
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 4.0])
+def test_uld_compares_vocabularies_of_different_sizes(temperature):
+    s, t = _logits(1), _logits(2, shape=SHAPE[:-1] + (17,))
+    labels = _labels(3)
+    value = divergence(s, t, kind="uld", temperature=temperature, labels=labels)
+    assert value.item() == pytest.approx(reference(s, t, "uld", temperature, labels=labels), rel=1e-5)
+    with pytest.raises(ValueError, match="shapes differ"):
+        divergence(s, t, kind="tvd")
+
+
+def test_uld_ignores_which_token_is_which():
+    """Sorted probabilities: permuting the teacher's vocabulary (another tokenizer's ids) changes nothing, and
+    padding it with impossible tokens changes nothing either."""
+    s = _logits(4)
+    t = s[..., torch.randperm(SHAPE[-1], generator=torch.Generator().manual_seed(0))]
+    padded = torch.cat([t, torch.full(SHAPE[:-1] + (6,), float("-inf"))], -1)
+    assert divergence(s, t, kind="uld").item() < 1e-6
+    value = divergence(s.requires_grad_(), padded, kind="uld")
+    value.backward()
+    assert value.item() < 1e-6 and torch.isfinite(s.grad).all()

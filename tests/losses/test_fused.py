@@ -187,3 +187,59 @@ def test_fused_terms_equal_the_separate_losses_in_one_pass():
     torch.testing.assert_close(parts["jsd"], jsd.detach())
     for a, b in zip(_grads(total, hs, ws), _grads(ref, hs, ws)):
         torch.testing.assert_close(a, b)
+
+
+def test_answer_pairs_line_up_the_ith_answer_token_of_each_tokenization():
+    from kdkit.losses.fused import answer_pairs
+
+    s = torch.tensor([[-100, 5, 6, 7, -100], [-100, -100, 1, -100, -100]])
+    t = torch.tensor([[-100, -100, 8, 9, -100, -100], [2, 3, 4, -100, -100, -100]])
+    s_idx, t_idx = answer_pairs(s, t)
+    assert s_idx.tolist() == [1, 2, 5 + 2]  # row 0: 2 pairs (the teacher has 2 answer tokens), row 1: 1 pair
+    assert t_idx.tolist() == [2, 3, 6 + 0]
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, None])
+def test_cross_tokenizer_uld_equals_a_per_pair_reference(chunk_size):
+    """Teacher with its own tokenization (other length, other vocabulary): ULD over the answer pairs, CE over every
+    student answer position, both in one pass, with the gradients of the plain computation."""
+    from kdkit.losses.divergence import uld_distance
+    from kdkit.losses.fused import fused_terms
+
+    hs, ws, _, _, labels = _inputs()
+    g = torch.Generator().manual_seed(7)
+    vt, lt = 23, 7  # the teacher's vocabulary and sequence length differ from the student's
+    ht = torch.randn(B, lt, HT, generator=g, dtype=torch.float64)
+    wt = torch.randn(vt, HT, generator=g, dtype=torch.float64)
+    t_labels = torch.randint(0, vt, (B, lt), generator=g)
+    t_labels[0, :4] = -100
+    t_labels[1, :] = -100  # a sample the teacher's tokenization truncated away: no pairs, still CE
+    terms = [{"name": "ce", "kind": "ce", "weight": 0.3},
+             {"name": "kd", "kind": "uld", "weight": 0.7, "temperature": 2.0}]
+    total, parts = fused_terms(hs, ws, labels, terms, teacher_hidden=ht, teacher_weight=wt, teacher_labels=t_labels,
+                               chunk_size=chunk_size)
+
+    per_pair = []
+    for b in range(B):
+        si = (labels[b] != -100).nonzero().squeeze(1).tolist()
+        ti = (t_labels[b] != -100).nonzero().squeeze(1).tolist()
+        for i, j in zip(si, ti):
+            per_pair.append(uld_distance(torch.log_softmax(hs[b, i] @ ws.T / 2.0, -1),
+                                         torch.log_softmax(ht[b, j] @ wt.T / 2.0, -1)))
+    uld = torch.stack(per_pair).mean()
+    ce = cross_entropy(hs @ ws.T, labels)
+    ref = 0.3 * ce + 0.7 * uld
+    torch.testing.assert_close(parts["kd"], uld.detach())
+    torch.testing.assert_close(parts["ce"], ce.detach())
+    torch.testing.assert_close(total, ref)
+    for a, b in zip(_grads(total, hs, ws), _grads(ref, hs, ws)):
+        torch.testing.assert_close(a, b)
+
+
+def test_cross_tokenizer_needs_uld():
+    from kdkit.losses.fused import fused_terms
+
+    hs, ws, ht, wt, labels = _inputs()
+    with pytest.raises(ValueError, match="must be 'uld'"):
+        fused_terms(hs, ws, labels, [{"name": "kd", "kind": "forward_kl", "weight": 1.0, "temperature": 1.0}],
+                    teacher_hidden=ht, teacher_weight=wt, teacher_labels=labels)

@@ -285,3 +285,27 @@ def test_plain_export_roundtrip(tmp_path, qwen_dir, tok_dir):
         torch.testing.assert_close(again(input_ids=ids, attention_mask=mask).logits,
                                    model.eval()(input_ids=ids, attention_mask=mask).logits, atol=0, rtol=0)
     assert isinstance(hf_model(CausalLMStudent(again)), type(model))
+
+
+def test_a_custom_tokenizer_beside_a_qwen2_config_loads_as_it_was_saved(tmp_path):
+    """transformers 5's AutoTokenizer gives a qwen2 directory Qwen2Tokenizer, whose own pre-tokenizer splits text
+    unlike a tokenizer trained with `tokenizers`: kdkit loads the declared class, and its exports say so."""
+    from transformers import AutoTokenizer
+
+    from kdkit.models.lm import load_tokenizer
+    from kdkit.models.lora import save_causal_lm
+    from kdkit.models.vocab import PROBES
+
+    from importlib.resources import files
+
+    shipped = str(files("kdkit") / "assets" / "stdlib_lm" / "tokenizer")  # the LM demo's, trained with `tokenizers`
+    tok = AutoTokenizer.from_pretrained(shipped)
+    directory = save_tiny_lm(tmp_path / "lm", shipped)
+    plain = AutoTokenizer.from_pretrained(directory)
+    differs = [t for t in PROBES if plain(t)["input_ids"] != tok(t)["input_ids"]]
+    assert differs, "transformers no longer re-types this tokenizer: _as_declared may be unnecessary"
+    loaded = load_tokenizer(ModelConfig(pretrained=str(directory)), "teacher")
+    assert all(loaded(t)["input_ids"] == tok(t)["input_ids"] for t in PROBES)
+    out = save_causal_lm(tiny_causal_lm(vocab_size=len(tok)), loaded, tmp_path / "export")
+    note = json.loads((out / "kdkit.json").read_text())["tokenizer_note"]
+    assert "splits text differently" in note and "PreTrainedTokenizerFast" in note

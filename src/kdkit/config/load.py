@@ -166,6 +166,10 @@ def file_problems(cfg: Config) -> list[tuple[str, str]]:
             problems.append((f"{role}.run", f"{spec.run} is not a finished kdkit run (no student/kdkit.json); train it "
                                             "first (a run without a teacher) or point to one"))
     d = cfg.data
+    if cfg.task == "lm" and d.text.streaming:
+        from kdkit.data.text_stream import streaming_problems  # train.max_steps, data.limit_eval, ...
+
+        problems += streaming_problems(cfg)
     if cfg.task == "lm":
         return problems + _text_problems(d)
     if d.source == "text_files":

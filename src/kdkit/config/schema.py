@@ -62,6 +62,11 @@ class TextConfig(Section):
         None, description="Several sources with sampling weights (instruction, code, multilingual, ...); replaces data.source/path.")
     chat_template: bool = Field(True, description="Format prompts with the student tokenizer's chat template when it has one "
                                 "(else a plain '### Instruction / ### Response' layout).")
+    streaming: bool = Field(False, description="Read and tokenize the training records lazily, for sets too large to hold: "
+                            "needs train.max_steps, and data.limit_eval unless an hf source has its own test split (val "
+                            "and test are then its first records); one source, no mixture (see kdkit.data.text_stream).")
+    shuffle_buffer: int = Field(10_000, ge=0, description="streaming: records shuffled in a seeded buffer of this size, "
+                                "reshuffled each pass (0 or 1: the source's order).")
 
 
 class DataConfig(Section):
@@ -135,6 +140,9 @@ class ModelConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="lm: weight dtype (auto: float32 for the student, the checkpoint's own for the teacher).")
     quantization: Optional[Literal["8bit", "4bit"]] = Field(None, description="lm teacher: load in 8-bit or 4-bit with bitsandbytes (CUDA only).")
+    fidelity_batches: int = Field(
+        2, ge=0, description="lm teacher in reduced precision (quantization or float16/bfloat16): batches of validation "
+        "data on which the KL from a float32 copy is printed; 0 turns the check off.")
     lora: Optional[LoraConfig] = Field(None, description="lm student: train a LoRA adapter instead of every weight (QLoRA with quantization).")
 
     _size = field_validator("image_size")(classmethod(lambda cls, v: _positive_size(v)))
@@ -295,6 +303,8 @@ class Config(Section):
                 spec = getattr(self, role)
                 if spec is not None and (spec.lora is not None or spec.quantization is not None):
                     raise ValueError(f"{role}: lora and quantization are for task: lm")
+                if spec is not None and spec.fidelity_batches != ModelConfig.model_fields["fidelity_batches"].default:
+                    raise ValueError(f"{role}: fidelity_batches is for task: lm teachers")
         return self
 
     @model_validator(mode="after")

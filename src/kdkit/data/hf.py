@@ -18,9 +18,10 @@ from kdkit.data.images import pil_channels, pil_to_tensor, to_pil
 from kdkit.errors import ConfigError, DataError
 
 
-def open_hf_dataset(path: str, key: str = "data.path") -> dict[str, Any]:
+def open_hf_dataset(path: str, key: str = "data.path", *, streaming: bool = False) -> dict[str, Any]:
     """split name -> datasets.Dataset, from a save_to_disk directory, a local data directory or a hub ID; problems
-    are ConfigErrors at `key` (the config path naming the dataset)."""
+    are ConfigErrors at `key` (the config path naming the dataset). streaming: local data directories and hub IDs
+    give datasets.IterableDataset splits, read lazily (a save_to_disk directory is memory-mapped anyway)."""
     try:
         import datasets
     except ImportError as e:
@@ -30,12 +31,12 @@ def open_hf_dataset(path: str, key: str = "data.path") -> dict[str, Any]:
         if local.is_dir() and ((local / "dataset_dict.json").is_file() or (local / "state.json").is_file()):
             obj = datasets.load_from_disk(str(local))
         else:
-            obj = datasets.load_dataset(str(local) if local.exists() else path)
+            obj = datasets.load_dataset(str(local) if local.exists() else path, streaming=streaming)
     except Exception as e:  # not found, no network, bad format: all mean the path does not name a usable dataset
         raise ConfigError([(key, f"cannot load Hugging Face dataset {path!r}: {type(e).__name__}: {e}")]) from e
-    if isinstance(obj, datasets.Dataset):  # a single saved split
+    if isinstance(obj, (datasets.Dataset, datasets.IterableDataset)):  # a single saved split
         return {"train": obj}
-    if not isinstance(obj, datasets.DatasetDict):
+    if not isinstance(obj, (datasets.DatasetDict, datasets.IterableDatasetDict)):  # the latter when streaming
         raise ConfigError([(key, f"{path!r} loads as {type(obj).__name__}; a map-style DatasetDict is needed")])
     return dict(obj)
 

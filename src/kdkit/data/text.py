@@ -29,6 +29,9 @@ T = data.limit_train or the sum of the sources' train sizes samples; source i ge
 of them (largest remainder, so they sum to T): a seeded subset when it has more samples than that, else every
 sample repeated floor(share / n_i) times plus a seeded subset for the remainder (sampling with replacement, but
 balanced). val and test are the union of the sources' own; data.limit_eval splits its N over the sources by weight.
+
+Streaming (data.text.streaming): the training records are read and tokenized as training goes, val and test are
+held out in memory; see kdkit.data.text_stream.
 """
 
 from __future__ import annotations
@@ -70,11 +73,16 @@ class TextDataset(Dataset):
 
     `__getitem__(k)` -> {"input_ids", "attention_mask", "labels"} 1-D int64; `get_batch(index)` -> the same
     (B, L) right-padded with pad_token_id (labels -100 there); `prompt(k)` -> (prompt ids int64, reference or None).
+
+    `teacher`: the same samples in the teacher's own tokenization (different tokenizers, for ULD), a TextDataset
+    with the same `which` / `index`; its tensors join every item and batch as "teacher_input_ids",
+    "teacher_attention_mask" and "teacher_labels".
     """
 
     def __init__(self, stores: Sequence[TokenStore], which: torch.Tensor, index: torch.Tensor, pad_token_id: int,
-                 format: str):
+                 format: str, teacher: Optional["TextDataset"] = None):
         self.stores, self.pad_token_id, self.format = list(stores), int(pad_token_id), format
+        self.teacher = teacher
         self.which = torch.as_tensor(which, dtype=torch.int64)
         self.index = torch.as_tensor(index, dtype=torch.int64)
         if self.which.shape != self.index.shape:
@@ -101,8 +109,9 @@ class TextDataset(Dataset):
     def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
         ids, loss = self._tokens(int(k))
         ids = ids.long()
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+        item = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
                 "labels": torch.where(loss, ids, torch.full_like(ids, -100))}
+        return item if self.teacher is None else {**item, **_prefixed(self.teacher[k])}
 
     def get_batch(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
         parts = [self._tokens(int(k)) for k in torch.as_tensor(index).reshape(-1).tolist()]
@@ -115,7 +124,8 @@ class TextDataset(Dataset):
             input_ids[r, :n] = ids
             attention[r, :n] = 1
             labels[r, :n] = torch.where(loss, ids.long(), -100)
-        return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+        batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+        return batch if self.teacher is None else {**batch, **_prefixed(self.teacher.get_batch(index))}
 
     def prompt(self, k: int) -> tuple[torch.Tensor, Optional[str]]:
         """The prompt tokens of sample k (int64) and its reference response. Plain text has no reference (None);
@@ -146,7 +156,13 @@ class TextDataset(Dataset):
             h.update(store.digest().encode())
         h.update(self.which.numpy().astype("<i8").tobytes())
         h.update(self.index.numpy().astype("<i8").tobytes())
+        if self.teacher is not None:
+            h.update(b"teacher:" + self.teacher.digest().encode())
         return h.hexdigest()
+
+
+def _prefixed(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"teacher_{k}": v for k, v in batch.items()}
 
 
 # ---- splits ----------------------------------------------------------------------------------------------------
@@ -240,10 +256,26 @@ def _load_sources(cfg: DataConfig, seed: int) -> list[_Source]:
     return sources
 
 
-def build_text_data(cfg: DataConfig, tokenizer: Any, seed: int, *, progress: bool = True) -> TextData:
-    """Load data.source / data.path (or data.text.mixture), tokenize once, split (see the module docstring)."""
+def build_text_data(cfg: DataConfig, tokenizer: Any, seed: int, *, teacher_tokenizer: Any = None,
+                    progress: bool = True) -> TextData:
+    """Load data.source / data.path (or data.text.mixture), tokenize once, split (see the module docstring).
+
+    teacher_tokenizer (a tokenizer other than the student's, for ULD): every sample is also tokenized by it, with its
+    own chat template and special tokens, into companion datasets (TextDataset.teacher); packing is refused then,
+    since a block of one tokenization is not the same text as a block of the other."""
+    if cfg.text.streaming:  # train read lazily, val/test held out in memory: kdkit.data.text_stream
+        from kdkit.data.text_stream import build_streaming_text_data
+
+        return build_streaming_text_data(cfg, tokenizer, seed, teacher_tokenizer=teacher_tokenizer)
     text = cfg.text
     encoder = TextEncoder(tokenizer, text.max_length, text.chat_template)
+    t_encoder = None
+    if teacher_tokenizer is not None:
+        if text.packing:
+            raise ConfigError([("data.text.packing", "packing cannot be used when the teacher's tokenizer differs "
+                                "from the student's: distillation pairs the answer tokens of each sample in both "
+                                "tokenizations; set packing: false")])
+        t_encoder = TextEncoder(teacher_tokenizer, text.max_length, text.chat_template)
     sources = _load_sources(cfg, seed)
     single = not text.mixture
     if single and not sources[0].packed:  # limits cut records before tokenizing: a quick run tokenizes little
@@ -254,13 +286,25 @@ def build_text_data(cfg: DataConfig, tokenizer: Any, seed: int, *, progress: boo
 
     picked = [{role: _pick(*r) if r is not None else None for role, r in s.roles.items()} for s in sources]
     total = sum(len(recs) for p in picked for recs in p.values() if recs is not None)
+    total *= 1 if t_encoder is None else 2
     stores: list[dict] = []
+    t_stores: list[dict] = []
     with _progress(total, progress) as advance:
         for s, p in zip(sources, picked):
             stores.append({role: None if recs is None else
                            (pack(encoder.encode(s.src.format, recs, truncate=False, advance=advance), text.max_length)
                             if s.packed else encoder.encode(s.src.format, recs, advance=advance))
                            for role, recs in p.items()})
+            if t_encoder is not None:
+                t_stores.append({role: None if recs is None else t_encoder.encode(s.src.format, recs, advance=advance)
+                                 for role, recs in p.items()})
+
+    def dataset(role: str, which: Sequence[int], index: torch.Tensor, picks: Sequence[int]) -> TextDataset:
+        """Samples `index` of the `which`-th of the stores `picks` of role; with the teacher's companion."""
+        which = torch.as_tensor(which, dtype=torch.int64)
+        teacher = None if t_encoder is None else TextDataset([t_stores[i][role] for i in picks], which, index,
+                                                             t_encoder.pad, fmt)
+        return TextDataset([stores[i][role] for i in picks], which, index, pad, fmt, teacher)
 
     fmt = sources[0].src.format
     pad = encoder.pad
@@ -279,7 +323,7 @@ def build_text_data(cfg: DataConfig, tokenizer: Any, seed: int, *, progress: boo
                     index = torch.sort(seeded_permutation(len(store), seed, "train-blocks")[:limit]).values
                 else:
                     index = index[:limit]
-            splits[role] = TextDataset.of(store, pad, fmt, index)
+            splits[role] = dataset(role, torch.zeros(len(index)), index, [0])
     else:
         weights = [s.weight for s in sources]
         train_sizes = [len(st["train"]) for st in stores]
@@ -293,7 +337,7 @@ def build_text_data(cfg: DataConfig, tokenizer: Any, seed: int, *, progress: boo
                               torch.sort(seeded_permutation(n, seed, f"mixture/{i}")[:rem]).values])
             which.append(torch.full((q,), i, dtype=torch.int64))
             index.append(part)
-        splits["train"] = TextDataset([st["train"] for st in stores], torch.cat(which), torch.cat(index), pad, fmt)
+        splits["train"] = dataset("train", torch.cat(which), torch.cat(index), range(len(stores)))
         for role in ("val", "test"):
             have = [i for i, st in enumerate(stores) if st[role] is not None]
             if not have:
@@ -303,8 +347,7 @@ def build_text_data(cfg: DataConfig, tokenizer: Any, seed: int, *, progress: boo
             caps = _quotas(cfg.limit_eval, [weights[i] for i in have]) if cfg.limit_eval else sizes
             counts = [min(n, c) for n, c in zip(sizes, caps)]
             which = torch.cat([torch.full((c,), k, dtype=torch.int64) for k, c in enumerate(counts)])
-            splits[role] = TextDataset([stores[i][role] for i in have], which,
-                                       torch.cat([torch.arange(c) for c in counts]), pad, fmt)
+            splits[role] = dataset(role, which, torch.cat([torch.arange(c) for c in counts]), have)
     if len(splits["test"]) == 0:
         raise DataError(f"the test split of {sources[0].label} is empty")
     if len(splits["train"]) == 0:

@@ -16,7 +16,7 @@ import fnmatch
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 from kdkit.data.jsonl import read_jsonl
 from kdkit.errors import ConfigError, DataError
@@ -99,19 +99,29 @@ def _resolve(fmt: str, first: dict, where: str) -> str:
     return detect_format(first, where) if fmt == "auto" else fmt
 
 
-def load_jsonl_records(path: str, fmt: str) -> SourceRecords:
-    records: list[Record] = []
+def jsonl_format(path: str, fmt: str) -> str:
+    """fmt, or for auto the format of the file's first record."""
+    if fmt != "auto":
+        return fmt
+    number, record = next(read_jsonl(path))  # a file without records is a DataError
+    return detect_format(record, f"{path}:{number}")
+
+
+def jsonl_records(path: str, fmt: str) -> Iterator[Record]:
+    """The file's checked records, read lazily line by line (a bad line fails when it is reached)."""
     for number, record in read_jsonl(path):
         where = f"{path}:{number}"
-        if not records:
-            fmt = _resolve(fmt, record, where)
-        records.append((where, check_record(record, fmt, where)))
+        yield where, check_record(record, fmt, where)
+
+
+def load_jsonl_records(path: str, fmt: str) -> SourceRecords:
+    fmt = jsonl_format(path, fmt)
+    records = list(jsonl_records(path, fmt))
     return SourceRecords(format=fmt, train=records, identity={"kind": "jsonl", "path": str(path)})
 
 
-def load_text_files(path: str, glob: str, fmt: str, key: str, exclude: Sequence[str] = ()) -> SourceRecords:
-    """Every file under `path` matching `glob` and no `exclude` pattern (fnmatch on the path relative to `path`,
-    where * also crosses /), sorted by relative path, is one text document."""
+def list_text_files(path: str, glob: str, fmt: str, key: str, exclude: Sequence[str] = ()) -> tuple[Path, list[Path]]:
+    """(root, the files under it matching `glob` and no `exclude` pattern, sorted by relative path)."""
     if fmt not in ("auto", "text"):
         raise ConfigError([(f"{key}.format" if key != "data" else "data.text.format",
                             f"text_files are plain text: format must be text or auto, not {fmt}")])
@@ -125,16 +135,30 @@ def load_text_files(path: str, glob: str, fmt: str, key: str, exclude: Sequence[
                    key=lambda p: p.relative_to(root).as_posix())
     if not files:
         raise DataError(f"{path}: no file matches {glob!r}")
+    return root, files
+
+
+def read_text_file(f: Path) -> Optional[str]:
+    """The file's text (a UTF-8 BOM dropped); None when it is not valid UTF-8."""
+    try:
+        return f.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return None
+    except OSError as e:
+        raise DataError(f"cannot read {f}: {e.strerror or e}") from None
+
+
+def load_text_files(path: str, glob: str, fmt: str, key: str, exclude: Sequence[str] = ()) -> SourceRecords:
+    """Every file under `path` matching `glob` and no `exclude` pattern (fnmatch on the path relative to `path`,
+    where * also crosses /), sorted by relative path, is one text document."""
+    root, files = list_text_files(path, glob, fmt, key, exclude)
     records: list[Record] = []
     undecodable, empty = [], 0
     for f in files:
-        try:
-            text = f.read_bytes().decode("utf-8-sig")
-        except UnicodeDecodeError:
+        text = read_text_file(f)
+        if text is None:
             undecodable.append(f)
             continue
-        except OSError as e:
-            raise DataError(f"cannot read {f}: {e.strerror or e}") from None
         if not text.strip():
             empty += 1
             continue
@@ -154,20 +178,23 @@ def load_text_files(path: str, glob: str, fmt: str, key: str, exclude: Sequence[
 _COLUMNS = {"instruction": ("instruction", "context", "input", "response"), "chat": ("messages",), "text": ("text",)}
 
 
-def _hf_rows(split: Any, name: str, fmt: str) -> list[Record]:
-    columns = [c for c in _COLUMNS[fmt] if c in split.column_names]
+def hf_records(split: Any, name: str, fmt: str) -> Iterator[Record]:
+    """The split's checked rows, lazily (a streamed split, or a map-style one)."""
+    columns = [c for c in _COLUMNS[fmt] if c in (split.column_names or ())]
     rows = split.select_columns(columns) if columns else split
-    return [(f"hf split {name!r} row {i}", check_record(row, fmt, f"hf split {name!r} row {i}"))
-            for i, row in enumerate(rows)]
+    for i, row in enumerate(rows):
+        where = f"hf split {name!r} row {i}"
+        yield where, check_record(row, fmt, where)
 
 
-def load_hf_records(path: str, fmt: str, train_split: str, test_split: Optional[str], val_split: Optional[str],
-                    *, key: str, strict: set[str]) -> SourceRecords:
-    """train_split is required; test_split / val_split are used when the dataset has them, and a missing one is a
-    ConfigError only when its config key is in `strict` (else it is carved from train by the caller)."""
-    from kdkit.data.hf import open_hf_dataset
+def _hf_rows(split: Any, name: str, fmt: str) -> list[Record]:
+    return list(hf_records(split, name, fmt))
 
-    splits = open_hf_dataset(path, f"{key}.path" if key != "data" else "data.path")
+
+def hf_splits_wanted(splits: dict, path: str, train_split: str, test_split: Optional[str], val_split: Optional[str],
+                     *, key: str, strict: set[str]) -> dict[str, str]:
+    """role -> split name: train always; test / val when the dataset has them (a missing one is a ConfigError only
+    when its config key is in `strict`)."""
     if train_split not in splits:
         raise ConfigError([(f"{key}.train_split", f"split {train_split!r} not in {path!r}; "
                             f"available splits: {sorted(splits)}")])
@@ -180,6 +207,17 @@ def load_hf_records(path: str, fmt: str, train_split: str, test_split: Optional[
         elif f"{role}_split" in strict:
             raise ConfigError([(f"data.{role}_split", f"split {name!r} not in {path!r}; available splits: "
                                 f"{sorted(splits)} (null: carve it from {train_split!r})")])
+    return wanted
+
+
+def load_hf_records(path: str, fmt: str, train_split: str, test_split: Optional[str], val_split: Optional[str],
+                    *, key: str, strict: set[str]) -> SourceRecords:
+    """train_split is required; test_split / val_split are used when the dataset has them, and a missing one is a
+    ConfigError only when its config key is in `strict` (else it is carved from train by the caller)."""
+    from kdkit.data.hf import open_hf_dataset
+
+    splits = open_hf_dataset(path, f"{key}.path" if key != "data" else "data.path")
+    wanted = hf_splits_wanted(splits, path, train_split, test_split, val_split, key=key, strict=strict)
     train = splits[train_split]
     if len(train) == 0:
         raise DataError(f"hf split {train_split!r} of {path!r} is empty")

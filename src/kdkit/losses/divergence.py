@@ -22,7 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-DIVERGENCE_KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
+DIVERGENCE_KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "uld")
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """At least float32 (half / bf16 softmaxes over a large vocab lose too much); float64 kept."""
@@ -89,8 +89,23 @@ def _per_position(kind: str, log_s: torch.Tensor, log_t: torch.Tensor, beta: flo
     if kind == "skew_reverse_kl":
         # DistiLLM alpha-SRKL: KL(q_theta || alpha q_theta + (1 - alpha) p), alpha = beta.
         return kl_from_log_probs(log_s, log_mixture(log_s, log_t, beta))
+    if kind == "uld":
+        return uld_distance(log_s, log_t)
     # "tvd" (kind is validated by the caller).
     return 0.5 * (log_t.exp() - log_s.exp()).abs().sum(-1)
+
+
+def uld_distance(log_s: torch.Tensor, log_t: torch.Tensor) -> torch.Tensor:
+    """Universal Logit Distillation (Boizard et al. 2024, eq. 5): sum_i |p_s(i) - p_t(i)| where p(i) is the i-th
+    largest probability, the shorter vocabulary padded with zeros. With every token at unit transport cost from
+    every other, this is the closed form of the Wasserstein-1 distance between the two distributions, so it compares
+    vocabularies of different tokenizers (and sizes) without any id mapping. (..., V_s), (..., V_t) -> (...)."""
+    p_s = log_s.exp().sort(-1, descending=True).values  # (..., V_s)
+    p_t = log_t.exp().sort(-1, descending=True).values  # (..., V_t)
+    width = max(p_s.shape[-1], p_t.shape[-1])
+    p_s = F.pad(p_s, (0, width - p_s.shape[-1]))
+    p_t = F.pad(p_t, (0, width - p_t.shape[-1]))
+    return (p_s - p_t).abs().sum(-1)
 
 
 def divergence(
@@ -122,12 +137,15 @@ def divergence(
           entropy: same gradients, but ours is 0 at P_S = P_T.
         * ``skew_reverse_kl``: KL(P_S || beta P_S + (1 - beta) P_T) (DistiLLM alpha-SRKL).
         * ``tvd``: total variation 0.5 sum_v |P_T - P_S|.
+        * ``uld``: Universal Logit Distillation (Boizard et al. 2024): sum_i |P_S(i) - P_T(i)| over the sorted
+          probabilities (see :func:`uld_distance`); the only kind whose vocabularies may differ in size.
 
     Returns a float32 scalar (float64 for float64 inputs).
     """
     if kind not in DIVERGENCE_KINDS:
         raise ValueError(f"unknown divergence kind {kind!r}; expected one of {DIVERGENCE_KINDS}")
-    if student_logits.shape != teacher_logits.shape:
+    if student_logits.shape != teacher_logits.shape and (
+            kind != "uld" or student_logits.shape[:-1] != teacher_logits.shape[:-1]):
         raise ValueError(f"student/teacher logits shapes differ: "
                          f"{tuple(student_logits.shape)} vs {tuple(teacher_logits.shape)}")
     if not temperature > 0:

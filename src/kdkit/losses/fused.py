@@ -95,7 +95,7 @@ def fused_divergence(student_hidden: torch.Tensor, student_weight: torch.Tensor,
     the same gradients for `student_hidden` and `student_weight`, computed `chunk_size` positions at a time.
 
     Shapes: hidden states (..., H_s) and (..., H_t) with the same leading dims, weights (V, H_s) and (V, H_t),
-    labels (...). The teacher gets no gradient. chunk_size None: about 2^22 logits per chunk, at least 32
+    labels (...); weights may differ in rows only for kind "uld". The teacher gets no gradient. chunk_size None: about 2^22 logits per chunk, at least 32
     positions (V=32k: 131). Mean over kept positions, float32 inside, no T^2 factor, 0 when all are masked.
     """
     if kind not in DIVERGENCE_KINDS:
@@ -107,7 +107,7 @@ def fused_divergence(student_hidden: torch.Tensor, student_weight: torch.Tensor,
     if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
         raise ValueError(f"student/teacher hidden states differ in positions: {tuple(student_hidden.shape)} vs "
                          f"{tuple(teacher_hidden.shape)}")
-    if student_weight.shape[0] != teacher_weight.shape[0]:
+    if student_weight.shape[0] != teacher_weight.shape[0] and kind != "uld":
         raise ValueError(f"student/teacher vocabularies differ: {student_weight.shape[0]} vs "
                          f"{teacher_weight.shape[0]} rows (align them first: kdkit slices or maps vocabularies)")
     dtype = compute_dtype(student_hidden, student_weight, teacher_hidden, teacher_weight)
@@ -141,16 +141,37 @@ def fused_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torc
     return total / max(count, 1)
 
 
+def answer_pairs(labels: torch.Tensor, teacher_labels: torch.Tensor,
+                 ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of two tokenizations of the same samples, paired on the answer span (ULD, Boizard et al. 2024):
+    in row b, the i-th labelled student position goes with the i-th labelled teacher position, for
+    i < min(labelled in each). labels (B, L_s), teacher_labels (B, L_t) -> flat indices into B*L_s and B*L_t
+    (equal length, in order)."""
+    if labels.shape[0] != teacher_labels.shape[0]:
+        raise ValueError(f"student and teacher batches differ: {labels.shape[0]} vs {teacher_labels.shape[0]} rows")
+    keep_s, keep_t = labels != ignore_index, teacher_labels != ignore_index
+    n = torch.minimum(keep_s.sum(1), keep_t.sum(1))[:, None]  # (B, 1)
+    sel_s = keep_s & (keep_s.cumsum(1) <= n)
+    sel_t = keep_t & (keep_t.cumsum(1) <= n)
+    return sel_s.reshape(-1).nonzero().squeeze(1), sel_t.reshape(-1).nonzero().squeeze(1)
+
+
 def fused_terms(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, terms: list[dict], *,
                 teacher_hidden: torch.Tensor | None = None, teacher_weight: torch.Tensor | None = None,
-                vocab_rows: int | None = None, ignore_index: int = -100,
+                vocab_rows: int | None = None, teacher_labels: torch.Tensor | None = None, ignore_index: int = -100,
                 chunk_size: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Several weighted terms in ONE chunked pass over the student's logits: (weighted total, {name: value}).
 
     Each term is {"name", "weight", "kind": "ce" | a divergence kind, ...}: ce takes `label_smoothing`; a divergence
-    takes `temperature`, `beta` and `scale` (T^2 for Hinton KD) and compares the first `vocab_rows` rows of both
-    heads (all when None). Each value equals its own fused_cross_entropy / fused_divergence (times scale); the
-    total's gradient is their weighted sum, computed while each chunk's logits exist once. Values are detached.
+    takes `temperature`, `beta` and `scale` (T^2 for Hinton KD) and compares the first `vocab_rows` rows of the
+    student's head with the teacher's (its first `vocab_rows` too when `teacher_labels` is None). Each value
+    equals its own fused_cross_entropy / fused_divergence (times scale); the total's gradient is their weighted
+    sum, computed while each chunk's logits exist once. Values are detached.
+
+    Different tokenizers: `teacher_labels` (B, L_t) marks the teacher's own tokenization of the same samples, whose
+    hidden states are (B, L_t, H_t); every divergence must then be "uld", over the positions `answer_pairs` pairs
+    (its mean runs over those pairs; CE still runs over every labelled student position), with the teacher's whole
+    head (slice it beforehand).
     """
     dtype = compute_dtype(hidden, weight)
     n = vocab_rows or weight.shape[0]
@@ -158,14 +179,34 @@ def fused_terms(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
     kd = [t for t in terms if t["kind"] != "ce"]
     if kd and (teacher_hidden is None or teacher_weight is None):
         raise ValueError(f"terms {[t['name'] for t in kd]} need the teacher's hidden states and head weight")
-    t_weight = teacher_weight.detach()[:n] if kd else None
+    cross = kd and teacher_labels is not None
+    if cross and any(t["kind"] != "uld" for t in kd):
+        raise ValueError("with the teacher's own tokenization (teacher_labels) every divergence must be 'uld', got "
+                         f"{[t['kind'] for t in kd]}")
+    t_weight = (teacher_weight.detach() if cross else teacher_weight.detach()[:n]) if kd else None
 
-    def loss_fn(s_logits: torch.Tensor, target: torch.Tensor, *t_hidden: torch.Tensor) -> torch.Tensor:
+    rows = [teacher_hidden.detach()] if kd and not cross else []
+    h, flat, count = _kept_rows(hidden, labels, ignore_index, labels, *rows)
+    pairs = count
+    if kd and cross:  # teacher rows lined up with the kept student rows; unpaired rows get zeros and no KD
+        s_idx, t_idx = answer_pairs(labels, teacher_labels, ignore_index)
+        kept = (labels.reshape(-1) != ignore_index).nonzero().squeeze(1)
+        slot = torch.searchsorted(kept, s_idx)  # where each paired student position sits among the kept rows
+        t_flat = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
+        t_rows = t_flat.new_zeros(count, t_flat.shape[1])
+        t_rows[slot] = t_flat.index_select(0, t_idx)
+        paired = torch.zeros(count, dtype=torch.bool, device=hidden.device)
+        paired[slot] = True
+        flat += [t_rows, paired]
+        pairs = s_idx.numel()
+    norm = {t["name"]: 1.0 / max(pairs if t["kind"] != "ce" else count, 1) for t in terms}
+
+    def loss_fn(s_logits: torch.Tensor, target: torch.Tensor, *t_rows: torch.Tensor) -> torch.Tensor:
         total = torch.zeros((), dtype=dtype, device=s_logits.device)
         t_logits = None
         if kd:
             with torch.no_grad():
-                t_logits = (t_hidden[0] @ t_weight.T).to(dtype)  # (C, n)
+                t_logits = (t_rows[0] @ t_weight.T).to(dtype)  # (C, n) or (C, V_t)
         for t in terms:
             if t["kind"] == "ce":
                 value = F.cross_entropy(s_logits.to(dtype), target, reduction="sum",
@@ -174,13 +215,14 @@ def fused_terms(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
                 temp = t["temperature"]
                 log_s = F.log_softmax(s_logits[:, :n].to(dtype) / temp, -1)
                 log_t = F.log_softmax(t_logits / temp, -1)
-                value = t.get("scale", 1.0) * _per_position(t["kind"], log_s, log_t, t.get("beta", 0.5)).sum()
+                per = _per_position(t["kind"], log_s, log_t, t.get("beta", 0.5))  # (C,)
+                if cross:
+                    per = per.masked_fill(~t_rows[1], 0.0)
+                value = t.get("scale", 1.0) * per.sum()
+            value = value * norm[t["name"]]
             sums[t["name"]] += value.detach()
             total = total + t["weight"] * value
         return total
 
-    rows = [teacher_hidden.detach()] if kd else []
-    h, flat, count = _kept_rows(hidden, labels, ignore_index, labels, *rows)
     total = _ChunkedHeadLoss.apply(h, weight, loss_fn, _chunk_rows(chunk_size, weight.shape[0]), *flat)
-    denom = max(count, 1)
-    return total / denom, {name: value / denom for name, value in sums.items()}
+    return total, sums

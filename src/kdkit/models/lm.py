@@ -85,6 +85,7 @@ def load_tokenizer(spec: ModelConfig, role: str):
     _check_local(source, where + via)
     try:
         tok = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=spec.trust_remote_code)
+        tok = _as_declared(tok, source, revision)
     except Exception as err:
         _reraise_oom(err)
         raise UserError(f"{where}: cannot load a tokenizer from {source!r}{via}: {_first_line(err)}"
@@ -93,6 +94,24 @@ def load_tokenizer(spec: ModelConfig, role: str):
         if tok.eos_token is None:
             raise UserError(f"{where}: the tokenizer of {source!r} has neither a pad nor an EOS token")
         tok.pad_token = tok.eos_token
+    return tok
+
+
+GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def _as_declared(tok, source: str, revision: Optional[str]):
+    """The tokenizer its tokenizer_config.json declares. transformers 5's AutoTokenizer picks the model type's class
+    for some families (qwen2 -> Qwen2Tokenizer) even where the directory declares a generic tokenizer.json one, and
+    that class rebuilds the pre-tokenizer: a tokenizer trained with `tokenizers` beside a Qwen2 config would then
+    split text differently from the tokenizer it was saved from (kdkit's exports carry such tokenizers)."""
+    from transformers.models.auto.tokenization_auto import get_tokenizer_config
+
+    declared = get_tokenizer_config(source, revision=revision).get("tokenizer_class")
+    if declared in GENERIC_TOKENIZER_CLASSES and type(tok).__name__ not in GENERIC_TOKENIZER_CLASSES:
+        from transformers import PreTrainedTokenizerFast  # TokenizersBackend in transformers 5
+
+        return PreTrainedTokenizerFast.from_pretrained(source, revision=revision)
     return tok
 
 

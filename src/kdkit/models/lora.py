@@ -152,9 +152,33 @@ def save_causal_lm(model: nn.Module, tokenizer: Any, out_dir: str | Path, *, lor
         info["merged_lora"] = True
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
+        note = plain_reload_note(tokenizer, out)
+        if note:
+            print(f"warning: {note}", flush=True)
+            info["tokenizer_note"] = note
     info.update(meta or {})
     (out / KDKIT_JSON).write_text(json.dumps(info, indent=2) + "\n")
     return out
+
+
+def plain_reload_note(tokenizer: Any, out: Path) -> Optional[str]:
+    """None when `AutoTokenizer.from_pretrained(out)` splits the probe texts as `tokenizer` does, else how to load it
+    (transformers 5 gives some model types their own tokenizer class, which rebuilds a custom pre-tokenizer)."""
+    from transformers import AutoTokenizer
+
+    from kdkit.models.vocab import PROBES
+
+    try:
+        plain = AutoTokenizer.from_pretrained(out)
+    except Exception as err:  # noqa: BLE001 - any failure is what the note reports
+        return f"AutoTokenizer.from_pretrained({str(out)!r}) fails ({type(err).__name__}): load the tokenizer with " \
+               "transformers.PreTrainedTokenizerFast.from_pretrained"
+    if all(plain(t, add_special_tokens=False)["input_ids"] == tokenizer(t, add_special_tokens=False)["input_ids"]
+           for t in PROBES):
+        return None
+    return (f"AutoTokenizer.from_pretrained({str(out)!r}) loads {type(plain).__name__}, which splits text differently "
+            f"from the {type(tokenizer).__name__} this model was trained with: load it with "
+            "transformers.PreTrainedTokenizerFast.from_pretrained (kdkit does)")
 
 
 def _set_adapter_base(out: Path, base: str) -> None:

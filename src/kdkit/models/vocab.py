@@ -18,6 +18,10 @@ import torch
 from kdkit.errors import UserError
 
 SHOW_MISMATCHES = 3
+# Texts both tokenizers split to compare their segmentation: one vocabulary can still split text differently (a BPE
+# with fewer merges is a prefix of one with more), and a teacher fed the student's split is then off its own.
+PROBES = ("The quick brown fox jumps over the lazy dog; it isn't tired.", "def area(r):\n    return 3.14159 * r ** 2\n",
+          "In 2024, 1,234 people paid $56.78 each.", "naïve café — Straße, 東京, 🙂")
 
 
 @dataclass(frozen=True)
@@ -79,12 +83,24 @@ def _differing_ids(student_tokenizer: Any, teacher_tokenizer: Any, shared: int,
     return found, inv_s, inv_t
 
 
+def _splits_differently(student_tokenizer: Any, teacher_tokenizer: Any) -> Optional[str]:
+    """The first probe text the two tokenizers split into different ids, shown briefly; None when none."""
+    for text in PROBES:
+        a = list(student_tokenizer(text, add_special_tokens=False)["input_ids"])
+        b = list(teacher_tokenizer(text, add_special_tokens=False)["input_ids"])
+        if a != b:
+            k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            return (f"{_show(text)}: student {len(a)} tokens, teacher {len(b)}, from token {k}: student "
+                    f"{_show(student_tokenizer.decode(a[k:k + 2]))}, teacher {_show(teacher_tokenizer.decode(b[k:k + 2]))}")
+    return None
+
+
 def align_vocabularies(student_tokenizer: Any, teacher_tokenizer: Any, student_rows: int, teacher_rows: int, *,
                        strict: bool = False, where: str = "teacher.tokenizer") -> VocabAlignment:
     """Decide how the student's head (student_rows) and the teacher's (teacher_rows) line up.
 
     The tokenizers are one when every id below the shorter one's length maps to the same token string in both
-    (special tokens included). strict=True (or a caller that cannot distil across tokenizers) makes different
+    (special tokens included) and they split the PROBES texts into the same ids. strict=True (or a caller that cannot distil across tokenizers) makes different
     tokenizers a UserError naming `where`, both sizes and the first ids that disagree."""
     n_s, n_t = len(student_tokenizer), len(teacher_tokenizer)
     shared = min(n_s, n_t)
@@ -95,13 +111,17 @@ def align_vocabularies(student_tokenizer: Any, teacher_tokenizer: Any, student_r
         inv_s = inv_t = {}
     else:
         bad, inv_s, inv_t = _differing_ids(student_tokenizer, teacher_tokenizer, shared)
-    if bad:
+    split = None if bad or student_tokenizer is teacher_tokenizer else _splits_differently(student_tokenizer,
+                                                                                             teacher_tokenizer)
+    if bad or split:
         shown = ", ".join(f"{i} (student {_show(inv_s.get(i))}, teacher {_show(inv_t.get(i))})" for i in bad)
+        what = f"first differing ids: {shown}" if bad else f"their ids agree, but they split text differently ({split})"
         if strict:
-            raise UserError(f"{where}: the student and teacher tokenizers differ: {sizes}; first differing ids: "
-                            f"{shown}. Distil from a teacher with the student's tokenizer (or its family)")
-        message = (f"different tokenizers: {sizes}; ids {', '.join(map(str, bad))} differ ({shown}): "
-                   f"the loss compares sorted distributions (Universal Logit Distillation), not ids")
+            raise UserError(f"{where}: the student and teacher tokenizers differ: {sizes}; {what}. Distil from a "
+                            "teacher with the student's tokenizer (or its family)")
+        what = f"ids {', '.join(map(str, bad))} differ ({shown})" if bad else what
+        message = (f"different tokenizers: {sizes}; {what}: the loss compares sorted distributions (Universal "
+                   "Logit Distillation), not ids")
         return VocabAlignment("different", None, message, student_rows, teacher_rows, n_s, n_t,
                               student_size, teacher_size, tuple(bad))
     one = f"one tokenizer ({n_s} tokens)" if n_s == n_t else (

@@ -16,7 +16,6 @@ from accelerate.utils import set_seed
 from kdkit.data import make_loader
 from kdkit.distill.classification import baseline_terms
 from kdkit.distill.lm import LMDistiller, lm_quality
-from kdkit.errors import UserError
 from kdkit.evaluate.efficiency import count_params, safetensors_size
 from kdkit.evaluate.text import answer_quality
 
@@ -28,6 +27,7 @@ class LMTask:
         self.tokenizer = None  # the student's: it tokenizes the data
         self.teacher_tokenizer = None
         self._announced = False
+        self.fidelity: dict[str, float] = {}  # the teacher's against its float32 copy (models.fidelity), for metrics
 
     # -- data and models -----------------------------------------------------------------------------------------
     def build_data(self, cfg):
@@ -35,12 +35,23 @@ class LMTask:
         from kdkit.models.lm import load_tokenizer
 
         self.tokenizer = load_tokenizer(cfg.student, "student")
-        data = build_text_data(cfg.data, self.tokenizer, cfg.seed)
+        other = None
+        if cfg.teacher is not None:  # a teacher with another tokenizer reads its own tokenization of every sample
+            from kdkit.models.vocab import align_vocabularies
+
+            self.teacher_tokenizer = load_tokenizer(cfg.teacher, "teacher")
+            n_s, n_t = len(self.tokenizer), len(self.teacher_tokenizer)
+            if align_vocabularies(self.tokenizer, self.teacher_tokenizer, n_s, n_t).kind == "different":
+                other = self.teacher_tokenizer
+        data = build_text_data(cfg.data, self.tokenizer, cfg.seed, teacher_tokenizer=other)
         # a resume with another tokenizer is refused even where the token ids happen to agree
         data.fingerprint = hashlib.sha256(f"{data.fingerprint}:{data.tokenizer_fingerprint}".encode()).hexdigest()
         return data
 
     def describe_data(self, data) -> str:
+        if getattr(data.train, "streaming", False):
+            return (f"data: {data.train.describe()}, {len(data.val) if data.val is not None else 0} val / "
+                    f"{len(data.test)} test samples ({data.format}), tokenizer of {len(self.tokenizer)} tokens")
         return (f"data: {len(data.train)} train / {len(data.val) if data.val is not None else 0} val / "
                 f"{len(data.test)} test samples ({data.format}), tokenizer of {len(self.tokenizer)} tokens")
 
@@ -48,12 +59,15 @@ class LMTask:
         if cfg.teacher is None:
             return None
         from kdkit.models.causal import FrozenCausalTeacher
+        from kdkit.models.fidelity import check_teacher_fidelity
         from kdkit.models.lm import build_causal_lm, load_tokenizer
 
         self.teacher_tokenizer = load_tokenizer(cfg.teacher, "teacher")
         set_seed(cfg.seed)
         teacher = FrozenCausalTeacher(build_causal_lm(cfg.teacher, "teacher", device=device), device)
-        self._vocab_rows(self._student_rows(cfg), teacher)  # decided and printed before training
+        self._alignment(self._student_rows(cfg), teacher)  # decided and printed before training
+        self.fidelity = check_teacher_fidelity(cfg.teacher, teacher, data, batch_size=cfg.eval.batch_size,
+                                               seed=cfg.seed)
         return teacher
 
     def teacher_fingerprint(self, teacher) -> str | None:
@@ -69,18 +83,15 @@ class LMTask:
             h.update(t.detach().flatten()[:4096].to("cpu", torch.float32).numpy().tobytes())
         return h.hexdigest()[:16]
 
-    def _vocab_rows(self, student_rows: int, teacher) -> int | None:
-        """Vocabulary alignment (printed once): the head rows both losses use, or UserError."""
+    def _alignment(self, student_rows: int, teacher):
+        """Vocabulary alignment (a models.vocab.VocabAlignment), printed once."""
         from kdkit.models.vocab import align_vocabularies
 
         alignment = align_vocabularies(self.tokenizer, self.teacher_tokenizer, student_rows, teacher.vocab_rows)
         if not self._announced:
             print(f"vocabulary: {alignment.message}", flush=True)
             self._announced = True
-        if alignment.kind == "different":
-            raise UserError("teacher and student tokenizers differ; Universal Logit Distillation (different tokenizers) "
-                            f"is not implemented yet: {alignment.message}")
-        return alignment.size
+        return alignment
 
     def _student_rows(self, cfg) -> int:
         """The student head's rows, from its config alone (the alignment is decided before any training)."""
@@ -106,9 +117,11 @@ class LMTask:
             lm = apply_lora(lm, cfg.student.lora)
         student = CausalLMStudent(lm)
         use_teacher = None if baseline else teacher
-        rows = self._vocab_rows(student.vocab_rows, use_teacher) if use_teacher is not None else None
+        alignment = self._alignment(student.vocab_rows, use_teacher) if use_teacher is not None else None
         terms = baseline_terms(cfg.distill) if baseline else cfg.distill.terms
-        return LMDistiller(student, use_teacher, terms, cfg.distill.temperature, vocab_rows=rows)
+        if alignment is not None and alignment.kind == "different":
+            terms = uld_terms(terms)
+        return LMDistiller(student, use_teacher, terms, cfg.distill.temperature, alignment=alignment)
 
     def export(self, cfg, student, data, out_dir: Path) -> Path:
         from kdkit.models.lora import save_causal_lm
@@ -122,18 +135,24 @@ class LMTask:
         from kdkit.models.lora import load_causal_lm_export
 
         loader = make_loader(data.test, batch_size=cfg.eval.batch_size, shuffle=False, seed=cfg.seed)
-        rows = None
         parts: dict[str, dict] = {}
         for name, run in students.items():
             model = CausalLMStudent(load_causal_lm_export(run / "student")).to(device).eval()
-            if teacher is not None:
-                rows = self._vocab_rows(model.vocab_rows, teacher)
+            reference, rows = None, None
+            if teacher is not None:  # the KL needs one vocabulary: skipped across tokenizers
+                alignment = self._alignment(model.vocab_rows, teacher)
+                if alignment.kind != "different":
+                    reference, rows = teacher, alignment.size
             fn = lambda ids, mask, m=model: (m(ids, mask), m.head_weight)  # noqa: E731
-            parts[name] = lm_quality(fn, loader, device, reference=teacher, vocab_rows=rows)
-            parts[name].update(self._efficiency_and_answers(cfg, model.lm, data, device))
-        if teacher is not None:
-            parts["teacher"] = lm_quality(teacher, loader, device)
-            parts["teacher"].update(self._efficiency_and_answers(cfg, teacher.model, data, device))
+            parts[name] = lm_quality(fn, loader, device, reference=reference, vocab_rows=rows)
+            parts[name].update(self._efficiency_and_answers(cfg, model.lm, data.test, device, self.tokenizer))
+        if teacher is not None:  # on its own tokenization of the test samples where it has one
+            own, tok = ((data.test, self.tokenizer) if data.test.teacher is None
+                        else (data.test.teacher, self.teacher_tokenizer))
+            t_loader = make_loader(own, batch_size=cfg.eval.batch_size, shuffle=False, seed=cfg.seed)
+            parts["teacher"] = lm_quality(teacher, t_loader, device)
+            parts["teacher"].update(self._efficiency_and_answers(cfg, teacher.model, own, device, tok))
+            parts["teacher"].update(self.fidelity)
         return parts
 
     def finish(self, run_dir: Path, metrics: dict) -> None:
@@ -142,21 +161,20 @@ class LMTask:
             if sub.is_dir() and name in metrics:
                 write_model_card(sub, metrics)
 
-    def _efficiency_and_answers(self, cfg, lm, data, device) -> dict[str, Any]:
+    def _efficiency_and_answers(self, cfg, lm, test, device, tok) -> dict[str, Any]:
         """Parameters, size, generation latency / tokens per second / memory, and answer quality, on up to
-        eval.generate_samples test prompts answered greedily."""
+        eval.generate_samples prompts of `test` (tokenized by `tok`) answered greedily."""
         out: dict[str, Any] = {"params": count_params(lm), "size_mb": round(safetensors_size(lm) / 1e6, 4)}
-        n = min(cfg.eval.generate_samples, len(data.test))
-        if n == 0 or not cfg.eval.efficiency and not _has_references(data, n):
+        n = min(cfg.eval.generate_samples, len(test))
+        if n == 0 or not cfg.eval.efficiency and not _has_references(test, n):
             return out
-        tok = self.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         predictions, references, times, new_tokens = [], [], [], 0
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         lm.eval()
         for i in range(n):
-            prompt, ref = data.test.prompt(i)
+            prompt, ref = test.prompt(i)
             ids = prompt.to(device=device, dtype=torch.long)[None]
             start = time.perf_counter()
             with torch.inference_mode():
@@ -181,8 +199,20 @@ class LMTask:
         return out
 
 
-def _has_references(data, n: int) -> bool:
-    return any(data.test.prompt(i)[1] is not None for i in range(n))
+def _has_references(test, n: int) -> bool:
+    return any(test.prompt(i)[1] is not None for i in range(n))
+
+
+def uld_terms(terms: list) -> list:
+    """Different tokenizers: every KD term compares sorted distributions (Universal Logit Distillation), said once."""
+    out = []
+    for t in terms:
+        if t.kind == "kd" and t.divergence != "uld":
+            print(f"distill: term {t.label!r}: {t.divergence} needs one vocabulary; with different tokenizers it is "
+                  "computed as ULD (Universal Logit Distillation, Boizard et al. 2024)", flush=True)
+            t = t.model_copy(update={"divergence": "uld"})
+        out.append(t)
+    return out
 
 
 def write_model_card(out_dir: Path, metrics: dict) -> None:
@@ -196,4 +226,8 @@ def write_model_card(out_dir: Path, metrics: dict) -> None:
     for key, title in rows:
         if any(key in metrics[c] for c in cols):
             lines.append(f"| {title} | " + " | ".join(str(metrics[c].get(key, "—")) for c in cols) + " |")
+    note = json.loads((Path(out_dir) / "kdkit.json").read_text()).get("tokenizer_note") \
+        if (Path(out_dir) / "kdkit.json").is_file() else None
+    if note:
+        lines += ["", f"**Tokenizer.** {note}."]
     (Path(out_dir) / "README.md").write_text("\n".join(lines) + "\n\n```json\n" + json.dumps(metrics, indent=1) + "\n```\n")

@@ -2,9 +2,9 @@
 checkpoints and exact resume.
 
 Exact resume rests on three rules: the data order of an epoch is a function of (seed, epoch) and a resumed epoch
-skips the batches already consumed; each micro-batch's augmentation draws from its own generator seeded by
-(seed, epoch, step, micro-batch, rank); every rank's global RNG (dropout) is saved with every checkpoint and
-restored on that rank.
+skips the batches already consumed (a streamed training set: from the stream position kept in the state); each
+micro-batch's augmentation draws from its own generator seeded by (seed, epoch, step, micro-batch, rank); every
+rank's global RNG (dropout) is saved with every checkpoint and restored on that rank.
 
 Every decision that changes control flow (skip a non-finite step, stop on a signal, keep the best weights,
 stop early) is taken on numbers reduced across processes, so all ranks take it at the same step.
@@ -29,7 +29,7 @@ from transformers import get_scheduler
 from kdkit.config.schema import Config
 from kdkit.data import make_loader, num_batches
 from kdkit.data.datasets import subset
-from kdkit.errors import UserError
+from kdkit.errors import ConfigError, UserError
 from kdkit.train import checkpoint as ckpt
 from kdkit.train.logging import History, Progress, make_tracker
 from kdkit.train.signals import GracefulStop, Interrupted
@@ -70,7 +70,13 @@ class Trainer:
         self.label = label
         self.ckpt_root = self.run_dir / "checkpoints"
         t = cfg.train
-        batches = num_batches(len(data.train), t.batch_size, accelerator.num_processes, True)
+        # a streamed training set (kdkit.data.text_stream) has no length: the whole run is one epoch of max_steps
+        self.streamed = getattr(data.train, "streaming", False)
+        if self.streamed and t.max_steps is None:
+            raise ConfigError([("train.max_steps", "data.text.streaming: a stream's length is unknown, so the run's "
+                                "length is given in optimizer steps")])
+        batches = (t.max_steps * t.grad_accum if self.streamed
+                   else num_batches(len(data.train), t.batch_size, accelerator.num_processes, True))
         self.steps_per_epoch = batches // t.grad_accum
         if self.steps_per_epoch == 0:
             raise UserError(f"train.batch_size x train.grad_accum x processes ({t.batch_size} x {t.grad_accum} x "
@@ -203,14 +209,20 @@ class Trainer:
         sums: dict[str, float] = s["log_sums"]
         stop = s["stopped_early"]
         while s["global_step"] < self.total_steps and not stop:
-            loader = make_loader(self.data.train, batch_size=t.batch_size, shuffle=True, seed=cfg.seed, epoch=s["epoch"],
-                                 rank=acc.process_index, world_size=acc.num_processes,
-                                 skip_batches=s["step_in_epoch"] * t.grad_accum, drop_last=True,
-                                 num_workers=cfg.data.num_workers)
+            if self.streamed:  # continues at the stream position kept in the state (the start, on a new run)
+                loader = self.data.train.batches(t.batch_size, rank=acc.process_index, world_size=acc.num_processes,
+                                                 position=s.get("stream"))
+            else:
+                loader = make_loader(self.data.train, batch_size=t.batch_size, shuffle=True, seed=cfg.seed,
+                                     epoch=s["epoch"], rank=acc.process_index, world_size=acc.num_processes,
+                                     skip_batches=s["step_in_epoch"] * t.grad_accum, drop_last=True,
+                                     num_workers=cfg.data.num_workers)
             batches = iter(loader)
             while s["step_in_epoch"] < self.steps_per_epoch and s["global_step"] < self.total_steps:
                 parts = self._step([next(batches) for _ in range(t.grad_accum)], signals.requested())
                 s["step_in_epoch"] += 1
+                if self.streamed:
+                    s["stream"] = loader.position  # saved with every checkpoint: a resume skips what was consumed
                 s["elapsed_s"] = elapsed0 + time.perf_counter() - start
                 if parts is None:
                     history.write({"kind": "skip", "step": s["global_step"], "reason": "non-finite loss or gradient"})
