@@ -172,6 +172,10 @@ def file_problems(cfg: Config) -> list[tuple[str, str]]:
         problems += streaming_problems(cfg)
     if cfg.task == "lm":
         return problems + _text_problems(d)
+    if cfg.task == "vlm":
+        from kdkit.data.vlm import vlm_problems  # jsonl or hf, and the files they name
+
+        return problems + vlm_problems(cfg)
     if d.source == "text_files":
         problems.append(("data.source", "text_files is for task: lm"))
     if d.source in ("image_folder", "hf", "jsonl") and not d.path:

@@ -279,11 +279,34 @@ class EvalConfig(Section):
     generate_samples: int = Field(32, ge=0, description="lm: test prompts answered by generation (0: perplexity and KL only).")
 
 
+class VLMConfig(Section):
+    """task: vlm: how image-question-answer records become model inputs, and vision-language model options."""
+
+    image_field: str = Field("image", description="jsonl / hf: field holding the image (a path relative to the jsonl file, or an hf Image).")
+    question_field: str = Field("question", description="jsonl / hf: field holding the question.")
+    answer_field: str = Field("answer", description="jsonl / hf: field holding the reference answer (the loss falls on its tokens).")
+    messages_field: str = Field("messages", description="jsonl / hf: field holding chat messages with image parts "
+                                "({type: image, image: path} / {type: text, text: ...}); used when a record has it.")
+    system_prompt: Optional[str] = Field(None, description="A system message put before every conversation (null: none).")
+    min_pixels: Optional[int] = Field(None, gt=0, description="Smallest image area (pixels) the processors resize to (null: each processor's own).")
+    max_pixels: Optional[int] = Field(None, gt=0, description="Largest image area (pixels) the processors resize to (null: each processor's own); bounds image tokens.")
+    max_length: int = Field(1024, gt=1, description="Tokens per sample (image tokens included); longer samples lose the end of their answer.")
+    freeze_vision: bool = Field(False, description="Freeze the student's vision tower (only the language model and the projector train).")
+    vision_feature_weight: float = Field(0.0, ge=0.0, description="Weight of an extra loss part `vision`: MSE between the "
+                                         "teacher's vision-tower features and the student's through a learned linear projector (0: off).")
+
+    @model_validator(mode="after")
+    def _pixels(self) -> "VLMConfig":
+        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
+            raise ValueError("min_pixels must not exceed max_pixels")
+        return self
+
+
 class Config(Section):
     """A kdkit run: `kdkit train CONFIG.yaml key.path=value ...`."""
 
-    task: Literal["classification", "lm"] = Field("classification", description="The kind of model distilled: "
-                                                  "classification (image classifiers) or lm (causal language models).")
+    task: Literal["classification", "lm", "vlm"] = Field("classification", description="The kind of model distilled: "
+                                                  "classification (image classifiers), lm (causal language models) or vlm (vision-language models).")
     output_dir: str = Field("runs/kdkit", description="The run directory (created; an existing finished run is refused unless --overwrite).")
     seed: int = Field(0, description="Seeds weights, data order, augmentation and dropout.")
     compare_baseline: bool = Field(False, description="Also train the same student without the teacher (same data, budget and seed) into <output_dir>/baseline, and report the gain.")
@@ -293,10 +316,11 @@ class Config(Section):
     distill: DistillConfig = Field(default_factory=DistillConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    vlm: VLMConfig = Field(default_factory=VLMConfig, description="task: vlm: images, prompts and vision-language options.")
 
     @model_validator(mode="after")
     def _task_fits(self) -> "Config":
-        if self.task == "lm" and any(t.kind == "dkd" for t in self.distill.terms):
+        if self.task in ("lm", "vlm") and any(t.kind == "dkd" for t in self.distill.terms):
             raise ValueError("dkd terms are for classification; use kd with a divergence for task: lm")
         if self.task == "classification":
             for role in ("student", "teacher"):

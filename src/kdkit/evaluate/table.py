@@ -90,6 +90,37 @@ def comparison_table(metrics: dict) -> list[list[str]]:
     return rows
 
 
+# (metrics key, row label, how the student's figure improves on the teacher's)
+TEACHER_STUDENT_ROWS = [("params", "Parameters", "fewer"), ("size_mb", "Size (MB)", "reduction"),
+                        ("latency_ms", "Latency, batch 1 (ms)", "faster"), ("throughput", "Throughput (tokens/s)", "more"),
+                        ("peak_mem_mb", "Peak memory (MB)", "reduction"), ("avg_new_tokens", "Avg generated tokens", "diff")]
+
+
+def _improvement(kind: str, teacher: float | None, student: float | None) -> str:
+    if teacher is None or student is None:
+        return DASH
+    if kind == "diff":
+        return f"{student - teacher:+.2f}"
+    if kind == "reduction":
+        return DASH if teacher <= 0 else f"{100 * (1 - student / teacher):.1f}% smaller"
+    if kind in ("fewer", "faster"):
+        return DASH if student <= 0 else f"{teacher / student:.3g}x {kind}"
+    return DASH if teacher <= 0 else f"{student / teacher:.3g}x"
+
+
+def teacher_student_table(metrics: dict) -> list[list[str]]:
+    """Rows (header first) Metric | Teacher | Student | Improvement: is the distilled student worth deploying?
+    Parameters, size, generation latency at batch 1, throughput, peak memory and answer length."""
+    teacher, student = metrics.get("teacher") or {}, metrics.get("student") or {}
+    rows = [["Metric", "Teacher", "Student", "Improvement"]]
+    for key, label, kind in TEACHER_STUDENT_ROWS:
+        t, s = _value(teacher, key), _value(student, key)
+        if t is None and s is None:
+            continue
+        rows.append([label, _cell(key, t), _cell(key, s), _improvement(kind, t, s)])
+    return rows
+
+
 def render_markdown_table(rows: list[list[str]]) -> str:
     """A GitHub Markdown table: the first row is the header, the first column left-aligned, the rest right."""
     if not rows:

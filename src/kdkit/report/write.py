@@ -9,12 +9,12 @@ from pathlib import Path
 import yaml
 
 from kdkit.errors import UserError
-from kdkit.evaluate.table import comparison_table, render_markdown_table
+from kdkit.evaluate.table import comparison_table, render_markdown_table, teacher_student_table
 from kdkit.report import plots
 from kdkit.report.history import is_number, loss_parts, of_kind, read_history, series
 
 QUALITY_BY_TASK = {"classification": "accuracy", "lm": "perplexity", "causal_lm": "perplexity",
-                   "vision_language": "exact_match"}
+                   "vision_language": "exact_match", "vlm": "exact_match"}
 
 
 def _read_json(path: Path) -> dict:
@@ -161,6 +161,7 @@ def write_report(run_dir: str | Path) -> Path:
 
     task = str(metrics.get("task") or config.get("task") or "classification")
     key = QUALITY_BY_TASK.get(task, "accuracy")
+    val_key = "perplexity" if task == "vlm" else key  # validation runs no generation: answer perplexity
     train, evals = of_kind(history, "train"), of_kind(history, "eval")
     base_train = of_kind(baseline, "train") if baseline is not None else None
     base_evals = of_kind(baseline, "eval") if baseline is not None else None
@@ -171,7 +172,7 @@ def write_report(run_dir: str | Path) -> Path:
              if isinstance(t, dict)]
     parts = loss_parts(train + (base_train or []), preferred=terms)
     plots.plot_losses(plot_dir / "loss.png", parts, train, base_train)
-    plots.plot_validation(plot_dir / "val_accuracy.png", key, evals, base_evals)
+    plots.plot_validation(plot_dir / "val_accuracy.png", val_key, evals, base_evals)
     plots.plot_quality_vs_params(plot_dir / "accuracy_vs_params.png", key, metrics)
 
     lines = [f"# kdkit report: {run_dir.resolve().name}", "", f"- **Task:** {task}"]
@@ -189,7 +190,13 @@ def write_report(run_dir: str | Path) -> Path:
     lines += ["", "## Results", "", _headline(key, metrics) + render_markdown_table(comparison_table(metrics))]
     batch = (config.get("eval") or {}).get("batch_size")
     at = f"batch size {int(batch):,}" if is_number(batch) else "the evaluation batch size"
-    if task == "lm":
+    if task == "vlm":
+        lines += ["Answer quality (exact match, F1) is measured on greedy answers to the test questions, perplexity on the "
+                  "answer tokens.", "", "### Teacher vs student", "", render_markdown_table(teacher_student_table(metrics)),
+                  "Latency is the median time to answer one test question greedily (batch 1); throughput is generated "
+                  f"tokens per second at {at}; peak memory is the device's peak allocation (CUDA) or the process's "
+                  "approximate resident growth (CPU) meanwhile.", ""]
+    elif task == "lm":
         new = (config.get("eval") or {}).get("max_new_tokens", "eval.max_new_tokens")
         lines += [f"Quality is measured on the test split (perplexity of the next token; KL from the teacher). "
                   f"Latency is the median time to answer one test prompt greedily (up to {new} new tokens); "
@@ -200,9 +207,9 @@ def write_report(run_dir: str | Path) -> Path:
                   "peak memory is the device's peak allocation (CUDA) or the process's approximate resident growth "
                   "(CPU) during the throughput run.", ""]
     runs = {"Distilled": history} if baseline is None else {"Distilled": history, "Baseline": baseline}
-    lines += ["## Training", "", _training_summary(key, runs)]
+    lines += ["## Training", "", _training_summary(val_key, runs)]
     lines += ["## Plots", "", "![Training loss per part](plots/loss.png)", "",
-              f"![Validation {key}](plots/val_accuracy.png)", "",
+              f"![Validation {val_key}](plots/val_accuracy.png)", "",
               f"![Test {key} vs parameters](plots/accuracy_vs_params.png)", ""]
     out = run_dir / "report.md"
     _write_atomic(out, "\n".join(lines))

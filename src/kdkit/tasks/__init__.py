@@ -30,4 +30,7 @@ def get_task(name: str) -> Task:
     if name == "lm":
         from kdkit.tasks.lm import LMTask
         return LMTask()
+    if name == "vlm":
+        from kdkit.tasks.vlm import VLMTask
+        return VLMTask()
     raise ValueError(f"unknown task {name!r}")
