@@ -100,7 +100,8 @@ def _absolute_paths(cfg: Config) -> Config:
         spec = getattr(cfg, role)
         if spec is None:
             continue
-        changes: dict[str, Any] = {"run": local(spec.run), "pretrained": local(spec.pretrained)}
+        changes: dict[str, Any] = {"run": local(spec.run), "pretrained": local(spec.pretrained),
+                                   "cache": local(spec.cache)}
         if spec.factory_file is not None:
             changes["factory"] = f"{local(spec.factory_file)}:{spec.factory.rpartition(':')[2]}"
         update[role] = spec.model_copy(update=changes)

@@ -91,6 +91,7 @@ def test_vlm_train_writes_metrics_export_and_report(vlm_setup, tmp_path, capsys)
     report = (run / "report.md").read_text()
     assert "| Metric | Teacher | Student | Improvement |" in report and "x fewer |" in report
     assert "| Exact match (%) |" in report
+    assert "A vision-language model" in (run / "student" / "README.md").read_text()  # the model card
     history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
     assert {"ce", "kd", "loss"} <= history[0].keys()
 
@@ -192,3 +193,33 @@ def test_lora_student_trains_and_exports_merged(vlm_setup, tmp_path):
     merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "run" / "student").state_dict()
     changed = [k for k, v in merged.items() if not torch.equal(v, base[k])]
     assert changed and all(("q_proj" in k or "v_proj" in k) for k in changed)
+
+
+def test_a_hugging_face_dataset_with_an_image_column_trains(vlm_setup, tmp_path):
+    """data.source: hf with a local save_to_disk dataset: images decoded from the dataset's Image column, the
+    question and answer columns named by vlm.*_field; the same samples as the jsonl they were made from."""
+    import datasets
+
+    rows = [json.loads(line) for line in (vlm_setup / "shapes" / "data.jsonl").read_text().splitlines()]
+    table = {"picture": [str(vlm_setup / "shapes" / r["image"]) for r in rows],
+             "q": [r["question"] for r in rows], "a": [r["answer"] for r in rows]}
+    ds = datasets.Dataset.from_dict(table).cast_column("picture", datasets.Image())
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "hf"))
+    cfg = vlm_config(vlm_setup, tmp_path / "run", max_steps=2, eval_every=2, save_every=2)
+    cfg["data"] = {"source": "hf", "path": str(tmp_path / "hf"), "val_fraction": 0.1, "test_fraction": 0.1}
+    cfg["vlm"] = {"image_field": "picture", "question_field": "q", "answer_field": "a"}
+    cfg["compare_baseline"] = False
+    assert main(["train", str(write_yaml(tmp_path / "c.yaml", cfg)), "--no-report"]) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["student"]["answered"] == 3 and metrics["student"]["perplexity"] > 1
+
+    from kdkit.config import validate
+    from kdkit.data.vlm import build_vlm_data
+    from kdkit.models.vlm import load_processor
+
+    c = validate(cfg)
+    hf = build_vlm_data(c, load_processor(c.student, "student", c.vlm))
+    _, _, js = _data(vlm_setup)
+    assert len(hf.train) == len(js.train) and len(hf.test) == len(js.test)
+    a, b = hf.train.get_batch(torch.arange(4)), js.train.get_batch(torch.arange(4))
+    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["pixel_values"], b["pixel_values"])

@@ -29,12 +29,12 @@ def quiet_libraries() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kdkit.cli import demo, eval as eval_cmd, report, train, validate
+    from kdkit.cli import cache, demo, eval as eval_cmd, report, train, validate
 
     parser = argparse.ArgumentParser(prog="kdkit", description="Knowledge distillation: train a small student to imitate a frozen teacher.")
     parser.add_argument("--version", action="version", version=f"kdkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (train, validate, eval_cmd, report, demo):
+    for module in (train, validate, eval_cmd, report, demo, cache):
         module.add_parser(sub)
     return parser
 

@@ -118,6 +118,14 @@ class LoraConfig(Section):
     export: Literal["merged", "adapter"] = Field("merged", description="student/: the base with the adapter merged in, or the adapter alone.")
 
 
+class CacheConfig(Section):
+    """`kdkit cache`: the teacher's outputs stored once (see kdkit.teacher_cache)."""
+
+    top_k: int = Field(64, ge=1, description="lm: log-probabilities kept per position (the k most probable tokens, plus the rest's mass).")
+    views: int = Field(4, ge=1, description="classification: augmented views scored per training image (training cycles through them by epoch).")
+    shard_samples: int = Field(1024, ge=1, description="Training samples per shard file.")
+
+
 class ModelConfig(Section):
     """A teacher or student. Exactly one of `pretrained`, `hf_config`, `factory`, `run` says where it comes from."""
 
@@ -144,6 +152,8 @@ class ModelConfig(Section):
         2, ge=0, description="lm teacher in reduced precision (quantization or float16/bfloat16): batches of validation "
         "data on which the KL from a float32 copy is printed; 0 turns the check off.")
     lora: Optional[LoraConfig] = Field(None, description="lm student: train a LoRA adapter instead of every weight (QLoRA with quantization).")
+    cache: Optional[str] = Field(None, description="teacher: a directory written by `kdkit cache`: train from the teacher's stored outputs "
+                                 "without loading it (its source, when also given, must be the one the cache was made from).")
 
     _size = field_validator("image_size")(classmethod(lambda cls, v: _positive_size(v)))
 
@@ -158,7 +168,7 @@ class ModelConfig(Section):
     @model_validator(mode="after")
     def _one_source(self) -> "ModelConfig":
         given = [k for k in ("pretrained", "hf_config", "factory", "run") if getattr(self, k) is not None]
-        if len(given) != 1:
+        if len(given) != 1 and not (self.cache is not None and not given):
             raise ValueError(f"give exactly one of pretrained, hf_config, factory, run (got {given or 'none'})")
         if self.kwargs and self.factory is None:
             raise ValueError("kwargs is only used with factory")
@@ -316,6 +326,7 @@ class Config(Section):
     distill: DistillConfig = Field(default_factory=DistillConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig, description="`kdkit cache`: what is stored of the teacher's outputs.")
     vlm: VLMConfig = Field(default_factory=VLMConfig, description="task: vlm: images, prompts and vision-language options.")
 
     @model_validator(mode="after")
@@ -329,6 +340,10 @@ class Config(Section):
                     raise ValueError(f"{role}: lora and quantization are for task: lm")
                 if spec is not None and spec.fidelity_batches != ModelConfig.model_fields["fidelity_batches"].default:
                     raise ValueError(f"{role}: fidelity_batches is for task: lm teachers")
+        if self.student.cache is not None:
+            raise ValueError("student.cache: a cache holds a teacher's outputs; set teacher.cache")
+        if self.task == "vlm" and self.teacher is not None and self.teacher.cache is not None:
+            raise ValueError("teacher.cache: teacher caches are for task: lm and classification (not vlm yet)")
         return self
 
     @model_validator(mode="after")

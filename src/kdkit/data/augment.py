@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -20,8 +21,14 @@ def _rand(generator: torch.Generator, *shape: int) -> torch.Tensor:
 
 def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
     """Zero-pad by `padding`, then crop back to (H, W) at a random per-sample offset. (B, C, H, W) -> same."""
+    off = torch.randint(0, 2 * padding + 1, (x.shape[0], 2), generator=generator, device=generator.device)
+    return _crop_at(x, padding, off)
+
+
+def _crop_at(x: torch.Tensor, padding: int, off: torch.Tensor) -> torch.Tensor:
+    """The padded crop of each sample at its offset off (B, 2) (rows, columns into the padded image)."""
     b, _, h, w = x.shape
-    off = torch.randint(0, 2 * padding + 1, (b, 2), generator=generator, device=generator.device).to(x.device)
+    off = off.to(x.device)
     padded = F.pad(x, (padding, padding, padding, padding))  # (B, C, H+2p, W+2p)
     wp = w + 2 * padding
     rows = off[:, :1] + torch.arange(h, device=x.device)  # (B, H) rows of the padded image
@@ -34,7 +41,11 @@ def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> to
 
 def hflip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Mirror each sample left-right with probability 0.5. (B, C, H, W) -> same."""
-    flip = (_rand(generator, x.shape[0]) < 0.5).to(x.device)  # (B,)
+    return _flip_where(x, _rand(generator, x.shape[0]) < 0.5)
+
+
+def _flip_where(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    flip = flip.to(x.device)  # (B,) bool
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
@@ -46,8 +57,12 @@ def random_resized_crop(x: torch.Tensor, scale: Sequence[float], generator: torc
     lo, hi = float(scale[0]), float(scale[1])
     if not 0.0 < lo <= hi <= 1.0:
         raise ConfigError([("data.augment.random_resized_crop", f"need 0 < min <= max <= 1, got [{lo}, {hi}]")])
+    return _resized_crop_at(x, lo, hi, _rand(generator, x.shape[0], 4))
+
+
+def _resized_crop_at(x: torch.Tensor, lo: float, hi: float, u: torch.Tensor) -> torch.Tensor:
+    """The random-resized crop of each sample given its uniforms u (B, 4) float64: scale, log-aspect, centre x, y."""
     b, _, h, w = x.shape
-    u = _rand(generator, b, 4)  # (B, 4): scale, log-aspect, centre x, centre y
     area = lo + (hi - lo) * u[:, 0]
     aspect = torch.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u[:, 1])  # crop width / height
     fw = torch.sqrt(area * aspect * h / w).clamp(max=1.0)  # crop width as a fraction of W
@@ -75,6 +90,51 @@ def augment_batch(pixels: torch.Tensor, cfg: AugmentConfig, generator: torch.Gen
         x = random_crop(x, cfg.random_crop_padding, generator)
     if cfg.hflip:
         x = hflip(x, generator)
+    return x
+
+
+def augment_enabled(cfg: AugmentConfig) -> bool:
+    return cfg.random_resized_crop is not None or cfg.random_crop_padding > 0 or cfg.hflip
+
+
+def view_uniforms(seeds: torch.Tensor, n: int) -> torch.Tensor:
+    """(B,) int64 seeds -> (B, n) float64 uniforms in [0, 1): draw j of sample i is splitmix64(seeds[i], j).
+
+    Counter-based, so a sample's draws are a pure function of its seed (no generator state, no batch), computed
+    for a whole batch at once in unsigned 64-bit arithmetic (numpy's wraps by definition).
+    """
+    s = seeds.detach().cpu().numpy().astype(np.int64).view(np.uint64)[:, None]
+    with np.errstate(over="ignore"):
+        z = s + _GOLDEN * np.arange(1, n + 1, dtype=np.uint64)[None, :]
+        z = (z ^ (z >> np.uint64(30))) * _MIX1
+        z = (z ^ (z >> np.uint64(27))) * _MIX2
+        z = z ^ (z >> np.uint64(31))
+    return torch.from_numpy((z >> np.uint64(11)).astype(np.float64) * 2.0 ** -53)
+
+
+_GOLDEN, _MIX1, _MIX2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def augment_views(pixels: torch.Tensor, seeds: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
+    """(B, C, H, W) in [0, 1] and one seed per sample (B,) int64 -> each sample augmented by its own seed.
+
+    The same operations as `augment_batch` (random-resized crop, padded crop, flip, as enabled), but each sample's
+    random numbers come from its seed alone (`view_uniforms`: draws 0-3 the resized crop, 4-5 the crop offset,
+    6 the flip), so its view never depends on the batch it is in. A teacher cache
+    (kdkit.teacher_cache.classification) stores the seed of every view the teacher scored; training from it shows
+    the student the same view, in whatever batch. With everything off the input is returned unchanged.
+    """
+    if not augment_enabled(cfg):
+        return pixels
+    u = view_uniforms(seeds, 7)  # (B, 7)
+    x = pixels
+    if cfg.random_resized_crop is not None:
+        x = _resized_crop_at(x, float(cfg.random_resized_crop[0]), float(cfg.random_resized_crop[1]), u[:, :4])
+    pad = cfg.random_crop_padding
+    if pad > 0:
+        x = _crop_at(x, pad, (u[:, 4:6] * (2 * pad + 1)).long().clamp(max=2 * pad))
+    if cfg.hflip:
+        x = _flip_where(x, u[:, 6] < 0.5)
     return x
 
 

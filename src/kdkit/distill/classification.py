@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from kdkit.config.schema import AugmentConfig, DistillConfig, LossTerm
 from kdkit.data import augment_batch
+from kdkit.data.augment import augment_views
 from kdkit.evaluate import classification_quality
 from kdkit.losses import cross_entropy, dkd_loss, kd_loss
 from kdkit.models.teacher import FrozenTeacher
@@ -29,7 +30,9 @@ class ClassificationDistiller:
 
     The trainer asks a distiller three things: `prepare_batch` (here: the augmentation both models see), `step`
     (the loss and its logged parts) and `validate` (metrics, with `best_metric` naming the one that picks the best
-    checkpoint and whether higher is better).
+    checkpoint and whether higher is better); and, where a distiller has it, `set_epoch` at each epoch's start.
+    With a cached teacher (kdkit.teacher_cache.classification) `prepare_batch` shows each sample's stored view of
+    the epoch and carries the teacher's stored logits on it to `step`; the teacher never runs.
     """
 
     best_metric = ("accuracy", "max")
@@ -44,8 +47,19 @@ class ClassificationDistiller:
         self.terms = list(terms)
         self.temperature = temperature
         self.augment = augment or AugmentConfig()
+        # a kdkit.teacher_cache.classification.CachedClassifierTeacher: stored logits on stored views
+        self.cached = getattr(teacher, "cached", False)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """The trainer's epoch (a cached teacher's view cycles with it)."""
+        self.epoch = epoch
 
     def prepare_batch(self, batch: dict[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
+        if self.cached:  # the view the teacher scored, from its stored seed, with the teacher's logits on it
+            seeds, logits = self.teacher.lookup(batch["index"], self.epoch)
+            pixels = augment_views(batch["pixels"], seeds, self.augment)
+            return {**batch, "pixels": pixels, "teacher_logits": logits.to(pixels.device)}
         return {**batch, "pixels": augment_batch(batch["pixels"], self.augment, generator)}
 
     def validate(self, model: nn.Module, loader, device, reduce: Callable[[Tensor], Tensor]) -> dict:
@@ -66,7 +80,9 @@ class ClassificationDistiller:
         """Forward both models on the same (augmented) pixels and combine the weighted terms."""
         student = student or self.student
         pixels, labels = batch["pixels"], batch["labels"]
-        teacher_logits = self.teacher_logits(pixels) if any(t.kind != "ce" for t in self.terms) else None
+        teacher_logits = None
+        if any(t.kind != "ce" for t in self.terms):
+            teacher_logits = batch["teacher_logits"] if self.cached else self.teacher_logits(pixels)
         student_logits = student(pixels).float()  # (B, C); losses run in float32
         if teacher_logits is not None and teacher_logits.shape != student_logits.shape:
             raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} and student logits "

@@ -30,7 +30,8 @@ class LMDistiller:
     best_metric = ("perplexity", "min")
 
     def __init__(self, student: nn.Module, teacher: Callable | None, terms: list[LossTerm], temperature: float,
-                 *, alignment: VocabAlignment | None = None, chunk_size: int | None = None):
+                 *, alignment: VocabAlignment | None = None, vocab_rows: int | None = None,
+                 chunk_size: int | None = None):
         """alignment: how the heads line up (models.vocab); "different" tokenizers make the teacher read the batch's
         teacher_input_ids / teacher_attention_mask / teacher_labels and every KD term a ULD term."""
         needs_teacher = [t.label for t in terms if t.kind == "kd"]
@@ -41,7 +42,8 @@ class LMDistiller:
             raise ValueError("different tokenizers: every kd term must use divergence 'uld'")
         self.student, self.teacher, self.terms = student, teacher, list(terms)
         self.temperature, self.alignment, self.chunk_size = temperature, alignment, chunk_size
-        self.vocab_rows = alignment.student_size if alignment is not None else None
+        self.vocab_rows = alignment.student_size if alignment is not None else vocab_rows
+        self.cached = getattr(teacher, "cached", False)  # a kdkit.teacher_cache.lm.CachedLMTeacher: sparse teacher rows
 
     def prepare_batch(self, batch: dict[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
         return batch
@@ -65,16 +67,18 @@ class LMDistiller:
         ids, mask = batch["input_ids"], batch["attention_mask"]
         target = next_token_targets(batch["labels"])  # (B, L)
         hidden = student(ids, mask)  # (B, L, H): the base model's last hidden state, no logits
-        t_hidden = t_weight = t_target = None
+        t_hidden = t_weight = t_target = topk = None
         if any(t.kind == "kd" for t in self.terms):
-            if self.cross:  # the teacher reads its own tokenization of the same samples
+            if self.cached:  # the batch's samples' stored rows, in the order the losses keep labelled positions
+                topk = self.teacher.rows(batch["index"].cpu(), (target != -100).sum(1).cpu())
+            elif self.cross:  # the teacher reads its own tokenization of the same samples
                 t_hidden, t_weight = self.teacher(batch["teacher_input_ids"], batch["teacher_attention_mask"])
                 t_weight, t_target = t_weight[:self.alignment.teacher_size], next_token_targets(batch["teacher_labels"])
             else:
                 t_hidden, t_weight = self.teacher(ids, mask)
         total, parts = fused_terms(hidden, self.student.head_weight, target, [self._term(t) for t in self.terms],
                                    teacher_hidden=t_hidden, teacher_weight=t_weight, vocab_rows=self.vocab_rows,
-                                   teacher_labels=t_target, chunk_size=self.chunk_size)
+                                   teacher_labels=t_target, teacher_topk=topk, chunk_size=self.chunk_size)
         return {"loss": total, **parts}
 
     @torch.no_grad()

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from kdkit.losses.divergence import DIVERGENCE_KINDS, _per_position, compute_dtype
+from kdkit.losses.sparse import bucket_log_probs
 
 # Logit elements per chunk when chunk_size is None: 2^22 floats (16 MB in float32) per logits tensor, at least
 # MIN_CHUNK_ROWS positions. Smaller chunks stay in cache on a CPU (at vocabulary 4096, 1024 rows took 0.56 s per
@@ -158,7 +159,8 @@ def answer_pairs(labels: torch.Tensor, teacher_labels: torch.Tensor,
 
 def fused_terms(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, terms: list[dict], *,
                 teacher_hidden: torch.Tensor | None = None, teacher_weight: torch.Tensor | None = None,
-                vocab_rows: int | None = None, teacher_labels: torch.Tensor | None = None, ignore_index: int = -100,
+                vocab_rows: int | None = None, teacher_labels: torch.Tensor | None = None,
+                teacher_topk: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, ignore_index: int = -100,
                 chunk_size: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Several weighted terms in ONE chunked pass over the student's logits: (weighted total, {name: value}).
 
@@ -172,22 +174,31 @@ def fused_terms(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
     hidden states are (B, L_t, H_t); every divergence must then be "uld", over the positions `answer_pairs` pairs
     (its mean runs over those pairs; CE still runs over every labelled student position), with the teacher's whole
     head (slice it beforehand).
+
+    A cached teacher (kdkit.teacher_cache): `teacher_topk` = (ids (K, k), log-probs (K, k), log rest mass (K,)) for the K
+    labelled positions in order, taken at each divergence's temperature; divergences are then those of
+    kdkit.losses.sparse (the k + 1 buckets), and no teacher hidden states are needed.
     """
     dtype = compute_dtype(hidden, weight)
     n = vocab_rows or weight.shape[0]
     sums = {t["name"]: torch.zeros((), dtype=dtype, device=hidden.device) for t in terms}
     kd = [t for t in terms if t["kind"] != "ce"]
-    if kd and (teacher_hidden is None or teacher_weight is None):
+    cached = kd and teacher_topk is not None
+    if kd and not cached and (teacher_hidden is None or teacher_weight is None):
         raise ValueError(f"terms {[t['name'] for t in kd]} need the teacher's hidden states and head weight")
     cross = kd and teacher_labels is not None
     if cross and any(t["kind"] != "uld" for t in kd):
         raise ValueError("with the teacher's own tokenization (teacher_labels) every divergence must be 'uld', got "
                          f"{[t['kind'] for t in kd]}")
-    t_weight = (teacher_weight.detach() if cross else teacher_weight.detach()[:n]) if kd else None
+    t_weight = (teacher_weight.detach() if cross else teacher_weight.detach()[:n]) if kd and not cached else None
 
-    rows = [teacher_hidden.detach()] if kd and not cross else []
+    rows = [teacher_hidden.detach()] if kd and not cross and not cached else []
     h, flat, count = _kept_rows(hidden, labels, ignore_index, labels, *rows)
     pairs = count
+    if cached:
+        if teacher_topk[0].shape[0] != count:
+            raise ValueError(f"the cached teacher has {teacher_topk[0].shape[0]} positions for {count} labelled ones")
+        flat += [x.to(hidden.device) for x in teacher_topk]
     if kd and cross:  # teacher rows lined up with the kept student rows; unpaired rows get zeros and no KD
         s_idx, t_idx = answer_pairs(labels, teacher_labels, ignore_index)
         kept = (labels.reshape(-1) != ignore_index).nonzero().squeeze(1)
@@ -204,7 +215,7 @@ def fused_terms(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
     def loss_fn(s_logits: torch.Tensor, target: torch.Tensor, *t_rows: torch.Tensor) -> torch.Tensor:
         total = torch.zeros((), dtype=dtype, device=s_logits.device)
         t_logits = None
-        if kd:
+        if kd and not cached:
             with torch.no_grad():
                 t_logits = (t_rows[0] @ t_weight.T).to(dtype)  # (C, n) or (C, V_t)
         for t in terms:
@@ -214,7 +225,10 @@ def fused_terms(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
             else:
                 temp = t["temperature"]
                 log_s = F.log_softmax(s_logits[:, :n].to(dtype) / temp, -1)
-                log_t = F.log_softmax(t_logits / temp, -1)
+                if cached:
+                    log_s, log_t = bucket_log_probs(log_s, *t_rows)  # (C, k + 1) each
+                else:
+                    log_t = F.log_softmax(t_logits / temp, -1)
                 per = _per_position(t["kind"], log_s, log_t, t.get("beta", 0.5))  # (C,)
                 if cross:
                     per = per.masked_fill(~t_rows[1], 0.0)

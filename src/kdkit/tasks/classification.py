@@ -30,12 +30,35 @@ class ClassificationTask:
     def load_teacher(self, cfg, data: ImageData, device) -> FrozenTeacher | None:
         if cfg.teacher is None:
             return None
+        if cfg.teacher.cache is not None:
+            return self._cached_teacher(cfg, data)
         set_seed(cfg.seed)
         model = build_model(cfg.teacher, num_classes=data.num_classes, channels=data.channels,
                             data_size=data.image_size, role="teacher")
         return FrozenTeacher(model, device)
 
+    def _cached_teacher(self, cfg, data: ImageData):
+        """The teacher's stored logits on augmented views (kdkit.teacher_cache.classification), checked against this
+        run's data, augmentation and (when the config names it) teacher."""
+        from kdkit.teacher_cache import CacheReader
+        from kdkit.teacher_cache.build import teacher_spec_hash
+        from kdkit.teacher_cache.classification import CachedClassifierTeacher, settings
+
+        reader = CacheReader(cfg.teacher.cache)
+        wanted = settings(cfg)
+        expected = {"data": data.fingerprint, "num_samples": len(data.train),
+                    "settings": {k: wanted[k] for k in ("augment", "view_rule")}}  # any number of views will do
+        if any(getattr(cfg.teacher, k) is not None for k in ("pretrained", "hf_config", "factory", "run")):
+            expected["teacher_spec"] = teacher_spec_hash(cfg.teacher)
+        reader.check("classification", expected)
+        teacher = CachedClassifierTeacher(reader)
+        print(f"teacher: cache {reader.dir} (logits on {teacher.views} augmented view(s) per image, "
+              f"{reader.manifest.get('bytes_per_unit')} bytes per image); the teacher itself is not loaded", flush=True)
+        return teacher
+
     def teacher_fingerprint(self, teacher: FrozenTeacher | None) -> str | None:
+        if getattr(teacher, "cached", False):
+            return teacher.fingerprint
         return fingerprint_model(teacher.model) if teacher is not None else None
 
     def make_distiller(self, cfg, data: ImageData, teacher, *, baseline: bool) -> ClassificationDistiller:
@@ -63,7 +86,11 @@ class ClassificationTask:
                                               repeats=cfg.eval.latency_repeats, warmup=cfg.eval.warmup, device=device))
             return out
 
-        parts = {name: describe(load_exported(run, f"{run}/student"), teacher) for name, run in students.items()}
-        if teacher is not None:
+        cached = getattr(teacher, "cached", False)
+        parts = {name: describe(load_exported(run, f"{run}/student"), None if cached else teacher)
+                 for name, run in students.items()}
+        if cached:  # measured by `kdkit cache`, which had it loaded
+            parts["teacher"] = dict(teacher.reader.manifest.get("teacher_metrics") or {})
+        elif teacher is not None:
             parts["teacher"] = describe(teacher.model, None)
         return parts

@@ -16,11 +16,13 @@ from accelerate.utils import set_seed
 from kdkit.data import make_loader
 from kdkit.distill.classification import baseline_terms
 from kdkit.distill.lm import LMDistiller, lm_quality
+from kdkit.errors import UserError
 from kdkit.evaluate.efficiency import count_params, safetensors_size
 from kdkit.evaluate.text import answer_quality
 
 
 class LMTask:
+    model_kind = "A causal language model"  # the exported student's model card says what it is
     quality_keys = ("perplexity", "rouge_l", "exact_match", "f1")
 
     def __init__(self) -> None:
@@ -36,7 +38,7 @@ class LMTask:
 
         self.tokenizer = load_tokenizer(cfg.student, "student")
         other = None
-        if cfg.teacher is not None:  # a teacher with another tokenizer reads its own tokenization of every sample
+        if cfg.teacher is not None and cfg.teacher.cache is None:  # another tokenizer: the teacher reads its own
             from kdkit.models.vocab import align_vocabularies
 
             self.teacher_tokenizer = load_tokenizer(cfg.teacher, "teacher")
@@ -58,6 +60,8 @@ class LMTask:
     def load_teacher(self, cfg, data, device):
         if cfg.teacher is None:
             return None
+        if cfg.teacher.cache is not None:
+            return self._cached_teacher(cfg, data)
         from kdkit.models.causal import FrozenCausalTeacher
         from kdkit.models.fidelity import check_teacher_fidelity
         from kdkit.models.lm import build_causal_lm, load_tokenizer
@@ -70,10 +74,33 @@ class LMTask:
                                                seed=cfg.seed)
         return teacher
 
+    def _cached_teacher(self, cfg, data):
+        """The teacher's stored outputs (kdkit.teacher_cache.lm), checked against this run's data, tokenizer and settings."""
+        from kdkit.teacher_cache import CacheReader
+        from kdkit.teacher_cache.build import teacher_spec_hash
+        from kdkit.teacher_cache.lm import CachedLMTeacher, kd_temperature
+
+        if getattr(data.train, "streaming", False):
+            raise UserError("teacher.cache: training from a cache needs the training split in memory (no streaming)")
+        reader = CacheReader(cfg.teacher.cache)
+        expected = {"data": data.fingerprint, "tokenizer": data.tokenizer_fingerprint,
+                    "settings": {"temperature": kd_temperature(cfg), "max_length": cfg.data.text.max_length},
+                    "num_samples": len(data.train)}
+        if any(getattr(cfg.teacher, k) is not None for k in ("pretrained", "hf_config", "factory", "run")):
+            expected["teacher_spec"] = teacher_spec_hash(cfg.teacher)
+        reader.check("lm", expected)
+        settings = reader.key["settings"]
+        print(f"teacher: cache {reader.dir} (top-{settings['top_k']} log-probabilities at T={settings['temperature']} "
+              f"over {settings['vocab_rows']} rows, {reader.manifest.get('bytes_per_unit')} bytes per token); the "
+              "teacher itself is not loaded", flush=True)
+        return CachedLMTeacher(reader, settings)
+
     def teacher_fingerprint(self, teacher) -> str | None:
         """Config, source and a sample of the weights (hashing every weight of a 7B teacher would take minutes)."""
         if teacher is None:
             return None
+        if getattr(teacher, "cached", False):
+            return teacher.reader.key["teacher"]
         hf = teacher.model
         h = hashlib.sha256(hf.config.to_json_string(use_diff=False).encode())
         h.update(str(getattr(hf, "name_or_path", "")).encode())
@@ -117,8 +144,10 @@ class LMTask:
             lm = apply_lora(lm, cfg.student.lora)
         student = CausalLMStudent(lm)
         use_teacher = None if baseline else teacher
-        alignment = self._alignment(student.vocab_rows, use_teacher) if use_teacher is not None else None
         terms = baseline_terms(cfg.distill) if baseline else cfg.distill.terms
+        if getattr(use_teacher, "cached", False):
+            return LMDistiller(student, use_teacher, terms, cfg.distill.temperature, vocab_rows=use_teacher.vocab_rows)
+        alignment = self._alignment(student.vocab_rows, use_teacher) if use_teacher is not None else None
         if alignment is not None and alignment.kind == "different":
             terms = uld_terms(terms)
         return LMDistiller(student, use_teacher, terms, cfg.distill.temperature, alignment=alignment)
@@ -139,14 +168,16 @@ class LMTask:
         for name, run in students.items():
             model = CausalLMStudent(load_causal_lm_export(run / "student")).to(device).eval()
             reference, rows = None, None
-            if teacher is not None:  # the KL needs one vocabulary: skipped across tokenizers
+            if teacher is not None and not getattr(teacher, "cached", False):  # KL: one vocabulary, a loaded teacher
                 alignment = self._alignment(model.vocab_rows, teacher)
                 if alignment.kind != "different":
                     reference, rows = teacher, alignment.size
             fn = lambda ids, mask, m=model: (m(ids, mask), m.head_weight)  # noqa: E731
             parts[name] = lm_quality(fn, loader, device, reference=reference, vocab_rows=rows)
             parts[name].update(self._efficiency_and_answers(cfg, model.lm, data.test, device, self.tokenizer))
-        if teacher is not None:  # on its own tokenization of the test samples where it has one
+        if getattr(teacher, "cached", False):  # measured by `kdkit cache`, which had it loaded
+            parts["teacher"] = dict(teacher.reader.manifest.get("teacher_metrics") or {})
+        elif teacher is not None:  # on its own tokenization of the test samples where it has one
             own, tok = ((data.test, self.tokenizer) if data.test.teacher is None
                         else (data.test.teacher, self.teacher_tokenizer))
             t_loader = make_loader(own, batch_size=cfg.eval.batch_size, shuffle=False, seed=cfg.seed)
@@ -159,7 +190,7 @@ class LMTask:
         """The exported students get a model card with the metrics table."""
         for name, sub in (("student", run_dir / "student"), ("baseline", run_dir / "baseline" / "student")):
             if sub.is_dir() and name in metrics:
-                write_model_card(sub, metrics)
+                write_model_card(sub, metrics, self.model_kind)
 
     def _efficiency_and_answers(self, cfg, lm, test, device, tok) -> dict[str, Any]:
         """Parameters, size, generation latency / tokens per second / memory, and answer quality, on up to
@@ -215,13 +246,13 @@ def uld_terms(terms: list) -> list:
     return out
 
 
-def write_model_card(out_dir: Path, metrics: dict) -> None:
+def write_model_card(out_dir: Path, metrics: dict, kind: str = "A causal language model") -> None:
     """README.md beside the exported student: what it is and the metrics table."""
     rows = [("perplexity", "Perplexity"), ("kl_from_teacher", "KL from teacher"), ("rouge_l", "ROUGE-L"),
             ("exact_match", "Exact match"), ("f1", "F1"), ("params", "Parameters"), ("latency_ms", "Latency (ms)"),
             ("throughput", "Generated tokens/s")]
     cols = [c for c in ("teacher", "baseline", "student") if c in metrics]
-    lines = ["# kdkit student", "", "A causal language model distilled with [kdkit](https://github.com/kdkit/kdkit).", "",
+    lines = ["# kdkit student", "", f"{kind} distilled with [kdkit](https://github.com/kdkit/kdkit).", "",
              "| metric | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for key, title in rows:
         if any(key in metrics[c] for c in cols):

@@ -23,6 +23,7 @@ from kdkit.tasks.lm import LMTask, uld_terms
 
 class VLMTask(LMTask):
     quality_keys = ("exact_match", "f1", "rouge_l", "perplexity")
+    model_kind = "A vision-language model (image and question in, answer out)"
 
     def __init__(self) -> None:
         super().__init__()

@@ -217,6 +217,7 @@ class Trainer:
                                      epoch=s["epoch"], rank=acc.process_index, world_size=acc.num_processes,
                                      skip_batches=s["step_in_epoch"] * t.grad_accum, drop_last=True,
                                      num_workers=cfg.data.num_workers)
+            getattr(self.distiller, "set_epoch", lambda epoch: None)(s["epoch"])  # e.g. a cached teacher's view
             batches = iter(loader)
             while s["step_in_epoch"] < self.steps_per_epoch and s["global_step"] < self.total_steps:
                 parts = self._step([next(batches) for _ in range(t.grad_accum)], signals.requested())

@@ -1,0 +1,74 @@
+"""Divergences against a teacher stored sparsely: its top-k log-probabilities, their token ids, and the log of the
+probability mass left over (kdkit.teacher_cache keeps these per position instead of a whole vocabulary).
+
+The estimator. Both distributions are coarsened to the same k + 1 buckets: the teacher's k tokens, then "every other
+token" as one bucket (the teacher's remaining mass; for the student, the mass it puts outside those k tokens). Any
+divergence of DIVERGENCE_KINDS is then taken between the two (k + 1)-bucket distributions.
+- It is exact when k equals the vocabulary (the rest bucket is empty on both sides).
+- For the KL family it never exceeds the dense value: merging outcomes cannot increase an f-divergence (the data
+  processing inequality). The bias is how differently the two distributions spread the rest bucket's mass over its
+  tokens. With k = 64 of a peaked language-model teacher that mass is typically a few percent.
+- The student's gradient still reaches every logit: a token outside the top-k is pushed as part of the rest bucket,
+  towards the teacher's total mass there rather than towards a per-token target.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kdkit.losses.divergence import DIVERGENCE_KINDS, _per_position, compute_dtype
+
+
+def topk_log_probs(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0) -> tuple[torch.Tensor, ...]:
+    """(ids (..., k) int64, log-probs (..., k), log of the remaining mass (...)) of softmax(teacher_logits / T), in
+    descending order of probability; the remaining mass is -inf when k covers the whole vocabulary."""
+    log_p = F.log_softmax(teacher_logits.to(compute_dtype(teacher_logits)) / temperature, -1)  # (..., V)
+    k = min(k, log_p.shape[-1])
+    values, ids = log_p.topk(k, dim=-1)  # (..., k)
+    return ids, values, _log_rest(log_p, ids)
+
+
+def _log_rest(log_p: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log of the mass of log_p (..., V) outside `ids` (..., k), with finite gradients; -inf (a constant) when the
+    ids cover every token of positive probability."""
+    outside = log_p.scatter(-1, ids, float("-inf"))  # (..., V)
+    top = outside.amax(-1, keepdim=True)  # (..., 1)
+    empty = torch.isneginf(top).squeeze(-1)
+    shift = top.masked_fill(torch.isneginf(top), 0.0).detach()
+    mass = (outside - shift).exp().sum(-1)  # (...), 0 where empty
+    rest = shift.squeeze(-1) + mass.clamp_min(torch.finfo(mass.dtype).tiny).log()
+    return torch.where(empty, torch.full_like(rest, float("-inf")), rest)
+
+
+def bucket_log_probs(log_s: torch.Tensor, ids: torch.Tensor, teacher_logp: torch.Tensor,
+                     teacher_log_rest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student log-probs (..., V) and the teacher's sparse form -> both as (..., k + 1) bucket log-probs."""
+    ids = ids.long()
+    dtype = log_s.dtype
+    student = torch.cat([log_s.gather(-1, ids), _log_rest(log_s, ids)[..., None]], -1)
+    teacher = torch.cat([teacher_logp.to(dtype), teacher_log_rest.to(dtype)[..., None]], -1)
+    return student, teacher
+
+
+def sparse_divergence(student_logits: torch.Tensor, ids: torch.Tensor, teacher_logp: torch.Tensor,
+                      teacher_log_rest: torch.Tensor, *, kind: str = "forward_kl", temperature: float = 1.0,
+                      beta: float = 0.5, labels: torch.Tensor | None = None, ignore_index: int = -100) -> torch.Tensor:
+    """Mean over kept positions of `kind` between the teacher's k + 1 buckets and the student's (module docstring).
+
+    student_logits (..., V); ids, teacher_logp (..., k) taken at the same temperature; teacher_log_rest (...).
+    Equals `divergence(student_logits, teacher_logits, ...)` when k = V. 0 when every position is masked."""
+    if kind not in DIVERGENCE_KINDS:
+        raise ValueError(f"unknown divergence kind {kind!r}; expected one of {DIVERGENCE_KINDS}")
+    if ids.shape != teacher_logp.shape or ids.shape[:-1] != student_logits.shape[:-1] or \
+            teacher_log_rest.shape != ids.shape[:-1]:
+        raise ValueError(f"shapes: student {tuple(student_logits.shape)}, ids {tuple(ids.shape)}, log-probs "
+                         f"{tuple(teacher_logp.shape)}, rest {tuple(teacher_log_rest.shape)}")
+    dtype = compute_dtype(student_logits)
+    log_s = F.log_softmax(student_logits.to(dtype) / temperature, -1)
+    s, t = bucket_log_probs(log_s, ids, teacher_logp, teacher_log_rest)
+    per = _per_position(kind, s, t, beta)  # (...)
+    if labels is None:
+        return per.mean() if per.numel() else per.sum()
+    keep = labels != ignore_index
+    return per.masked_fill(~keep, 0.0).sum() / keep.sum().clamp(min=1).to(dtype)
