@@ -98,13 +98,20 @@ def test_bad_inputs_exit_2_without_traceback(tmp_path):
         assert "Traceback" not in proc.stderr and proc.stderr.strip(), name
 
 
-def test_demo_quick(tmp_path):
+def test_demo_quick(tmp_path, capsys):
+    """The image demo distils from a teacher cache made on its first run and reused by the next."""
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--output", str(out)]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert {"teacher", "baseline", "student", "gain", "compression"} <= m.keys()
-    assert m["compression"] >= 10
+    assert m["compression"] >= 10 and m["teacher"]["accuracy"] > 0  # the teacher's figures, measured at cache time
     assert (out / "report.md").is_file() and (out / "baseline" / "student" / "kdkit.json").is_file()
+    first = capsys.readouterr().out
+    assert "teacher outputs: cached in" in first and "finished shard(s) kept" not in first
+    assert main(["demo", "--quick", "--output", str(out)]) == 0
+    assert "finished shard(s) kept" in capsys.readouterr().out
+    again = json.loads((out / "metrics.json").read_text())["student"]
+    assert again["accuracy"] == m["student"]["accuracy"] and again["loss"] == m["student"]["loss"]
 
 
 def test_lm_demo_quick(tmp_path, capsys):

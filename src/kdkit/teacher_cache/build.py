@@ -99,8 +99,10 @@ def build_cache(cfg, output: str | Path, *, overwrite: bool = False, progress: b
     acc.print(task.describe_data(data))
     teacher = task.load_teacher(cfg, data, acc.device)
     plan = make_plan(cfg, task, data, teacher, acc.device)
-    writer = CacheWriter(output, plan.kind, plan.key, plan.num_samples, cfg.cache.shard_samples,
-                         overwrite=overwrite and acc.is_main_process, main=acc.is_main_process)
+    writer = CacheWriter(output, plan.kind, plan.key, plan.num_samples, cfg.cache.shard_samples, overwrite=overwrite)
+    acc.wait_for_everyone()  # every process has checked the directory before one of them writes to it
+    if acc.is_main_process:
+        writer.start()
     acc.wait_for_everyone()
     mine = [i for i in range(writer.num_shards) if i % acc.num_processes == acc.process_index]
     todo = [i for i in mine if not writer.finished(i)]

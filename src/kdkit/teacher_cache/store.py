@@ -72,7 +72,8 @@ class CacheWriter:
     """Writes shards for `kdkit cache`; finished shards of an interrupted run with the same key are kept."""
 
     def __init__(self, directory: str | Path, kind: str, key: dict, num_samples: int, shard_samples: int, *,
-                 overwrite: bool = False, main: bool = True):
+                 overwrite: bool = False):
+        """Checks only (every process the same answer, nothing written); `start()` on one process then writes."""
         self.dir, self.kind, self.key = Path(directory), kind, key
         self.num_samples, self.shard_samples = int(num_samples), int(shard_samples)
         self.num_shards = max(1, -(-self.num_samples // self.shard_samples))
@@ -86,12 +87,15 @@ class CacheWriter:
                 raise UserError(f"{diff}; remove it, choose another --output, or pass --overwrite")
         elif self.dir.exists() and any(self.dir.iterdir()) and not overwrite:
             raise UserError(f"{self.dir} exists and is not a kdkit teacher cache; choose another --output")
-        if main:
-            if overwrite and self.dir.exists():
-                for f in self.dir.glob("shard-*"):
-                    f.unlink()
-            self.dir.mkdir(parents=True, exist_ok=True)
-            _write_atomic(manifest, json.dumps(self._manifest([], False), indent=1).encode())
+        self.overwrite = overwrite
+
+    def start(self) -> None:
+        """An unfinished manifest (and, with overwrite, no old shards): one process, before any shard is written."""
+        if self.overwrite and self.dir.exists():
+            for f in self.dir.glob("shard-*"):
+                f.unlink()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _write_atomic(self.dir / MANIFEST, json.dumps(self._manifest([], False), indent=1).encode())
 
     def _manifest(self, shards: list, complete: bool, **extra: Any) -> dict:
         return {"version": VERSION, "kind": self.kind, "key": self.key, "num_samples": self.num_samples,
