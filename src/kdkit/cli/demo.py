@@ -67,20 +67,7 @@ def lm_assets() -> tuple[Path, Path]:
 def lm_demo_teacher(quick: bool) -> Path:
     """The shipped language-model teacher; where it is missing, train it once with the shipped recipe."""
     tokenizer, shipped = lm_assets()
-    if (shipped / "kdkit.json").is_file():
-        return shipped
-    from kdkit.config import load_config
-    from kdkit.experiment import train_run
-
-    target = cache_dir() / ("stdlib_lm_teacher_quick" if quick else "stdlib_lm_teacher")
-    if (target / "student" / ".complete").is_file():
-        return target
-    print(f"no shipped teacher{' (quick mode)' if quick else ''}: training one with recipes/stdlib_lm_teacher.yaml "
-          f"into {target}{'' if quick else ' (about 45 minutes on 2 CPU cores)'}")
-    cfg = load_config(recipe_path("stdlib_lm_teacher.yaml"),
-                      [f"output_dir={target}", f"student.tokenizer={tokenizer}", *(QUICK_LM if quick else [])])
-    train_run(cfg, resume=True)
-    return target
+    return _shipped_or_trained(shipped, "stdlib_lm_teacher", tokenizer, QUICK_LM if quick else None, "45")
 
 
 def vlm_assets() -> tuple[Path, Path]:
@@ -90,18 +77,24 @@ def vlm_assets() -> tuple[Path, Path]:
 def vlm_demo_teacher(quick: bool) -> Path:
     """The shipped vision-language teacher; where it is missing, train it once with the shipped recipe."""
     processor, shipped = vlm_assets()
+    return _shipped_or_trained(shipped, "shapes_vlm_teacher", processor, QUICK_VLM if quick else None, "15")
+
+
+def _shipped_or_trained(shipped: Path, name: str, tokenizer: Path, quick: list[str] | None, minutes: str) -> Path:
+    """`shipped` when the package has it, else a teacher trained once by recipes/<name>.yaml into the user's cache
+    (`quick`: the quick-mode overrides, None for the full recipe)."""
     if (shipped / "kdkit.json").is_file():
         return shipped
     from kdkit.config import load_config
     from kdkit.experiment import train_run
 
-    target = cache_dir() / ("shapes_vlm_teacher_quick" if quick else "shapes_vlm_teacher")
+    target = cache_dir() / (f"{name}_quick" if quick is not None else name)
     if (target / "student" / ".complete").is_file():
         return target
-    print(f"no shipped teacher{' (quick mode)' if quick else ''}: training one with recipes/shapes_vlm_teacher.yaml "
-          f"into {target}{'' if quick else ' (about 15 minutes on 2 CPU cores)'}")
-    cfg = load_config(recipe_path("shapes_vlm_teacher.yaml"),
-                      [f"output_dir={target}", f"student.tokenizer={processor}", *(QUICK_VLM if quick else [])])
+    print(f"no shipped teacher{' (quick mode)' if quick is not None else ''}: training one with recipes/{name}.yaml "
+          f"into {target}{'' if quick is not None else f' (about {minutes} minutes on 2 CPU cores)'}")
+    cfg = load_config(recipe_path(f"{name}.yaml"),
+                      [f"output_dir={target}", f"student.tokenizer={tokenizer}", *(quick or [])])
     train_run(cfg, resume=True)
     return target
 

@@ -23,6 +23,7 @@ from typing import Any, Optional
 import torch
 
 from kdkit.errors import DataError, UserError
+from kdkit.train.checkpoint import sha256_file
 
 MANIFEST = "manifest.json"
 VERSION = 1
@@ -31,14 +32,6 @@ KEY_PARTS = ("data", "tokenizer", "settings", "teacher_spec", "teacher")
 
 def shard_file(i: int) -> str:
     return f"shard-{i:05d}.safetensors"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

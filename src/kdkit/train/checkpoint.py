@@ -41,7 +41,8 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """sha256 hex of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -71,7 +72,7 @@ def write_checkpoint(directory: Path, *, model_state: dict[str, torch.Tensor], o
     files = {}
     for f in sorted(tmp.iterdir()):
         _fsync(f)
-        files[f.name] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+        files[f.name] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
     manifest = {"files": files, "created": time.time(), **meta}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     _fsync(tmp / MANIFEST)
@@ -94,7 +95,7 @@ def verify(directory: Path, *, hashes: bool = True) -> dict[str, Any] | None:
         manifest = json.loads((directory / MANIFEST).read_text())
         for name, info in manifest["files"].items():
             f = directory / name
-            if f.stat().st_size != info["size"] or (hashes and _sha256(f) != info["sha256"]):
+            if f.stat().st_size != info["size"] or (hashes and sha256_file(f) != info["sha256"]):
                 return None
         return manifest
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
