@@ -58,7 +58,8 @@ def test_a_student_equal_to_the_teacher_scores_zero_and_masked_rows_are_zero():
 
 
 @pytest.mark.parametrize("chunk_size", [1, 5, None])
-def test_fused_terms_with_a_cached_teacher_equal_the_sparse_losses(chunk_size):
+@pytest.mark.parametrize("with_tail", [False, True])
+def test_fused_terms_with_a_cached_teacher_equal_the_sparse_losses(chunk_size, with_tail):
     from kdkit.losses import cross_entropy
     from kdkit.losses.fused import fused_terms
 
@@ -70,13 +71,52 @@ def test_fused_terms_with_a_cached_teacher_equal_the_sparse_losses(chunk_size):
     labels[1, :3] = -100
     keep = labels != -100
     ids, logp, rest = topk_log_probs(t_logits[keep], 4, temperature=2.0)  # the labelled positions, in order
+    tail = None
+    if with_tail:
+        from kdkit.losses.sparse import sample_tail
+
+        tail = sample_tail(torch.log_softmax(t_logits[keep] / 2.0, -1), ids, rest, 5, torch.Generator().manual_seed(1))
     terms = [{"name": "ce", "kind": "ce", "weight": 0.2},
              {"name": "kd", "kind": "forward_kl", "weight": 0.8, "temperature": 2.0, "scale": 4.0}]
-    total, parts = fused_terms(hs, ws, labels, terms, teacher_topk=(ids, logp, rest), chunk_size=chunk_size)
+    cache = (ids, logp, rest, *tail) if with_tail else (ids, logp, rest)
+    total, parts = fused_terms(hs, ws, labels, terms, teacher_topk=cache, chunk_size=chunk_size)
     logits = hs @ ws.T
-    kd = 4.0 * sparse_divergence(logits[keep], ids, logp, rest, temperature=2.0)
+    kd = 4.0 * sparse_divergence(logits[keep], ids, logp, rest, temperature=2.0, tail=tail)
     ref = 0.2 * cross_entropy(logits, labels) + 0.8 * kd
     torch.testing.assert_close(total, ref)
     torch.testing.assert_close(parts["kd"], kd.detach())
     for a, b in zip(torch.autograd.grad(total, (hs, ws)), torch.autograd.grad(ref, (hs, ws))):
         torch.testing.assert_close(a, b)
+
+
+def test_the_sampled_tail_makes_forward_kl_unbiased_in_value_and_gradient():
+    """KL = bucket KL + r * KL(q_tail || p_tail): with many draws from the tail the estimate reaches the dense value and
+    gradient, which the buckets alone undershoot."""
+    from kdkit.losses.sparse import sample_tail
+
+    s, t, labels = _pair(3)
+    ids, logp, rest = topk_log_probs(t, 3, 2.0)
+    log_q = torch.log_softmax(t / 2.0, -1)
+    tail = sample_tail(log_q, ids, rest, 200_000, torch.Generator().manual_seed(0))
+    assert tail[0].shape == (3, 4, 200_000)
+    assert not (tail[0][..., None] == ids[..., None, :]).any()  # never a top-k token
+    outside = log_q.scatter(-1, ids, float("-inf")) - rest[..., None]
+    torch.testing.assert_close(tail[1], (outside.exp() * outside.nan_to_num(neginf=0.0)).sum(-1))
+    dense = divergence(s, t, temperature=2.0, labels=labels)
+    buckets = sparse_divergence(s, ids, logp, rest, temperature=2.0, labels=labels)
+    sampled = sparse_divergence(s, ids, logp, rest, temperature=2.0, labels=labels, tail=tail)
+    assert buckets.item() < dense.item() - 0.05
+    assert sampled.item() == pytest.approx(dense.item(), rel=5e-3)
+    g_dense, = torch.autograd.grad(dense, s)
+    g_sampled, = torch.autograd.grad(sampled, s)
+    torch.testing.assert_close(g_sampled, g_dense, atol=2e-3, rtol=0)
+    # other kinds ignore the tail; at full k there is no tail and nothing changes
+    assert sparse_divergence(s, ids, logp, rest, kind="jsd", labels=labels, tail=tail).item() == \
+        sparse_divergence(s, ids, logp, rest, kind="jsd", labels=labels).item()
+    ids, logp, rest = topk_log_probs(t, V)
+    full = sample_tail(torch.log_softmax(t, -1), ids, rest, 4)
+    assert torch.equal(full[1], torch.zeros(3, 4, dtype=torch.float64))
+    value = sparse_divergence(s, ids, logp, rest, labels=labels, tail=full)
+    torch.testing.assert_close(value, divergence(s, t, labels=labels))
+    g, = torch.autograd.grad(value, s)
+    assert torch.isfinite(g).all()

@@ -38,16 +38,23 @@ def _default(field) -> str:
     return f"`{json.dumps(value)}`"
 
 
-def _rows(model: type[BaseModel], prefix: str) -> list[str]:
+def _rows(model: type[BaseModel], prefix: str, outer: tuple[type[BaseModel], ...] = ()) -> list[str]:
+    """Rows of `model`'s fields; a section that extends one it sits in (an ensemble member is a model spec) lists only
+    the keys it adds."""
     rows: list[str] = []
+    parent = next((o for o in outer if o is not model and issubclass(model, o)), None)
     for name, field in model.model_fields.items():
+        if parent is not None and name in parent.model_fields:
+            continue
         path = f"{prefix}{name}"
         section = _model_type(field.annotation)
         desc = (field.description or (section.__doc__ or "").strip().splitlines()[0] if section else field.description) or ""
-        is_list = typing.get_origin(field.annotation) is list
+        is_list = list in (typing.get_origin(field.annotation), *map(typing.get_origin, typing.get_args(field.annotation)))
         rows.append(f"| `{path}` | {_default(field)} | {desc.replace('|', '/')} |")
         if section is not None:
-            rows += _rows(section, f"{path}[].") if is_list else _rows(section, f"{path}.")
+            rows += _rows(section, f"{path}[]." if is_list else f"{path}.", (*outer, model))
+    if parent is not None:
+        rows.append(f"| `{prefix}*` | | Every key of the enclosing model spec above. |")
     return rows
 
 

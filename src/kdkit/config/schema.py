@@ -122,6 +122,7 @@ class CacheConfig(Section):
     """`kdkit cache`: the teacher's outputs stored once (see kdkit.teacher_cache)."""
 
     top_k: int = Field(64, ge=1, description="lm: log-probabilities kept per position (the k most probable tokens, plus the rest's mass).")
+    tail_samples: int = Field(16, ge=0, description="lm: token ids drawn per position from the teacher's distribution outside the top-k; they make forward KL unbiased (2 bytes each). 0: the k + 1 buckets alone.")
     views: int = Field(4, ge=1, description="classification: augmented views scored per training image (training cycles through them by epoch).")
     shard_samples: int = Field(1024, ge=1, description="Training samples per shard file.")
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from kdkit.losses.divergence import DIVERGENCE_KINDS, _per_position, compute_dtype
-from kdkit.losses.sparse import bucket_log_probs
+from kdkit.losses.sparse import bucket_log_probs, tail_correction
 
 # Logit elements per chunk when chunk_size is None: 2^22 floats (16 MB in float32) per logits tensor, at least
 # MIN_CHUNK_ROWS positions. Smaller chunks stay in cache on a CPU (at vocabulary 4096, 1024 rows took 0.56 s per
@@ -160,7 +160,7 @@ def answer_pairs(labels: torch.Tensor, teacher_labels: torch.Tensor,
 def fused_terms(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, terms: list[dict], *,
                 teacher_hidden: torch.Tensor | None = None, teacher_weight: torch.Tensor | None = None,
                 vocab_rows: int | None = None, teacher_labels: torch.Tensor | None = None,
-                teacher_topk: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, ignore_index: int = -100,
+                teacher_topk: tuple[torch.Tensor, ...] | None = None, ignore_index: int = -100,
                 chunk_size: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Several weighted terms in ONE chunked pass over the student's logits: (weighted total, {name: value}).
 
@@ -177,7 +177,8 @@ def fused_terms(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
 
     A cached teacher (kdkit.teacher_cache): `teacher_topk` = (ids (K, k), log-probs (K, k), log rest mass (K,)) for the K
     labelled positions in order, taken at each divergence's temperature; divergences are then those of
-    kdkit.losses.sparse (the k + 1 buckets), and no teacher hidden states are needed.
+    kdkit.losses.sparse (the k + 1 buckets), and no teacher hidden states are needed. Two more entries, the sampled
+    tail's ids (K, s) and negative entropy (K,), add the unbiased tail term to forward KL (sparse.tail_correction).
     """
     dtype = compute_dtype(hidden, weight)
     n = vocab_rows or weight.shape[0]
@@ -226,10 +227,13 @@ def fused_terms(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
                 temp = t["temperature"]
                 log_s = F.log_softmax(s_logits[:, :n].to(dtype) / temp, -1)
                 if cached:
-                    log_s, log_t = bucket_log_probs(log_s, *t_rows)  # (C, k + 1) each
+                    s_buckets, log_t = bucket_log_probs(log_s, *t_rows[:3])  # (C, k + 1) each
+                    per = _per_position(t["kind"], s_buckets, log_t, t.get("beta", 0.5))  # (C,)
+                    if len(t_rows) == 5 and t["kind"] == "forward_kl":
+                        per = per + tail_correction(log_s, s_buckets[:, -1], t_rows[2], *t_rows[3:])
                 else:
                     log_t = F.log_softmax(t_logits / temp, -1)
-                per = _per_position(t["kind"], log_s, log_t, t.get("beta", 0.5))  # (C,)
+                    per = _per_position(t["kind"], log_s, log_t, t.get("beta", 0.5))  # (C,)
                 if cross:
                     per = per.masked_fill(~t_rows[1], 0.0)
                 value = t.get("scale", 1.0) * per.sum()

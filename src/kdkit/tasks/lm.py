@@ -90,8 +90,10 @@ class LMTask:
             expected["teacher_spec"] = teacher_spec_hash(cfg.teacher)
         reader.check("lm", expected)
         settings = reader.key["settings"]
+        tail = settings.get("tail_samples") or 0
         print(f"teacher: cache {reader.dir} (top-{settings['top_k']} log-probabilities at T={settings['temperature']} "
-              f"over {settings['vocab_rows']} rows, {reader.manifest.get('bytes_per_unit')} bytes per token); the "
+              + (f"and {tail} tail samples " if tail else "")
+              + f"over {settings['vocab_rows']} rows, {reader.manifest.get('bytes_per_unit')} bytes per token); the "
               "teacher itself is not loaded", flush=True)
         return CachedLMTeacher(reader, settings)
 

@@ -26,8 +26,9 @@ class Plan:
 
 
 def teacher_spec_hash(spec) -> str:
-    """The teacher's config (where it comes from and how it is loaded), without the cache-only keys."""
-    payload = spec.model_dump(mode="json", exclude={"cache", "fidelity_batches"})
+    """The teacher's config (where it comes from and how it is loaded), without the cache-only keys; settings left at
+    their defaults are left out, so a kdkit that adds a setting still recognises its caches."""
+    payload = spec.model_dump(mode="json", exclude={"cache", "fidelity_batches"}, exclude_defaults=True)
     for key in ("run", "pretrained", "tokenizer"):  # a directory however it is written (runs save absolute paths)
         if payload.get(key) and Path(payload[key]).expanduser().exists():
             payload[key] = str(Path(payload[key]).expanduser().resolve())
@@ -49,7 +50,7 @@ def make_plan(cfg, task, data, teacher, device) -> Plan:
 
         def write(start: int, end: int, advance):
             return compute_shard(teacher, data.train, start, end, k=s["top_k"], temperature=s["temperature"],
-                                 vocab_rows=n, batch_size=cfg.eval.batch_size, device=device, advance=advance)
+                                 tail_samples=s["tail_samples"], vocab_rows=n, batch_size=cfg.eval.batch_size, device=device, advance=advance)
 
         return Plan("lm", key, len(data.train), "token", write)
     if cfg.task == "classification":
