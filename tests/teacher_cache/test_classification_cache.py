@@ -135,6 +135,17 @@ def test_training_from_the_cache_never_loads_the_teacher(cached, tmp_path, capsy
     manifest = json.loads((tmp / "cache" / "manifest.json").read_text())
     assert metrics["teacher"]["accuracy"] == manifest["teacher_metrics"]["accuracy"]
     assert metrics["student"]["accuracy"] > 0 and "baseline" in metrics and metrics["compression"] > 1
+    # agreement with the teacher comes from its test predictions, stored at cache time: the same as measured online
+    from kdkit.data import make_loader
+    from kdkit.evaluate import classification_quality
+    from kdkit.models import load_exported
+
+    monkeypatch.undo()
+    teacher, data, c = _teacher_and_data(cfg)
+    assert len(manifest["teacher_test_predictions"]) == len(data.test)
+    loader = make_loader(data.test, batch_size=64, shuffle=False, seed=0)
+    online = classification_quality(load_exported(tmp_path / "run", "student"), loader, None, reference=teacher)
+    assert metrics["student"]["agreement"] == online["agreement"] and 0 < online["agreement"] <= 100
 
 
 def test_a_cache_resume_mid_epoch_is_exact(cached, tmp_path):

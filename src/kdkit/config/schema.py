@@ -6,16 +6,17 @@ reference, so the docs and the code cannot drift apart.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+from pydantic import Field, PositiveInt, field_validator, model_validator
 
+from kdkit.config.base import Section, positive_size as _positive_size
+from kdkit.config.model_spec import LoraConfig, ModelConfig, TeacherMember
 from kdkit.losses.divergence import DIVERGENCE_KINDS
 
-
-class Section(BaseModel):
-    # inf and nan are never meaningful settings (a rate of inf, a mean of nan): rejected like any bad number
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+# the sections, with the model specs of kdkit.config.model_spec re-exported
+__all__ = ["AugmentConfig", "CacheConfig", "Config", "DataConfig", "DistillConfig", "EvalConfig", "LoraConfig",
+           "LossTerm", "ModelConfig", "TeacherMember", "TextConfig", "TextSource", "TrainConfig", "VLMConfig"]
 
 
 class AugmentConfig(Section):
@@ -102,22 +103,6 @@ class DataConfig(Section):
     _size = field_validator("image_size")(classmethod(lambda cls, v: _positive_size(v)))
 
 
-def _positive_size(v):
-    if v is not None and (v[0] <= 0 or v[1] <= 0):
-        raise ValueError("height and width must be positive")
-    return v
-
-
-class LoraConfig(Section):
-    """A LoRA adapter on the student (through peft): only the adapter trains."""
-
-    r: int = Field(16, gt=0, description="Rank of the update matrices.")
-    alpha: float = Field(32.0, gt=0.0, description="Scaling numerator (the update is scaled by alpha / r).")
-    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter's input.")
-    target_modules: Union[Literal["all-linear"], list[str]] = Field("all-linear", description="Module names to adapt, or all-linear.")
-    export: Literal["merged", "adapter"] = Field("merged", description="student/: the base with the adapter merged in, or the adapter alone.")
-
-
 class CacheConfig(Section):
     """`kdkit cache`: the teacher's outputs stored once (see kdkit.teacher_cache)."""
 
@@ -127,60 +112,14 @@ class CacheConfig(Section):
     shard_samples: int = Field(1024, ge=1, description="Training samples per shard file.")
 
 
-class ModelConfig(Section):
-    """A teacher or student. Exactly one of `pretrained`, `hf_config`, `factory`, `run` says where it comes from."""
-
-    pretrained: Optional[str] = Field(
-        None, description="Hugging Face image classifier: hub ID or local save_pretrained directory (AutoModelForImageClassification).")
-    hf_config: Optional[dict[str, Any]] = Field(
-        None, description="Build a Hugging Face model from a config: {model_type: vit, hidden_size: 384, ...}, or "
-        "{base: <hub ID or dir>, num_hidden_layers: 6, ...} to start from that model's config with overrides; random weights.")
-    factory: Optional[str] = Field(None, description="Any nn.Module: 'package.module:function' or 'path/to/file.py:function', called with `kwargs`.")
-    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for `factory`.")
-    run: Optional[str] = Field(None, description="A previous kdkit run directory: its exported student is loaded as is (e.g. a teacher trained by kdkit).")
-    image_size: Optional[tuple[int, int]] = Field(
-        None, description="Input size (H, W) the model expects; the batch is resized for it. Null: the model's own (HF config) or the data's.")
-    mean: Optional[list[float]] = Field(None, description="Per-channel normalisation mean; null: the model's image processor's, else 0.5.")
-    std: Optional[list[float]] = Field(None, description="Per-channel normalisation std; null: the model's image processor's, else 0.5.")
-    trust_remote_code: bool = Field(False, description="Allow a hub model's own code to run (off unless set here).")
-    revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit) for `pretrained`.")
-    gradient_checkpointing: bool = Field(False, description="Trade compute for memory where the model supports it (Hugging Face models).")
-    tokenizer: Optional[str] = Field(None, description="lm: tokenizer hub ID or directory (null: the model's own, from pretrained, run or hf_config.base).")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="lm: weight dtype (auto: float32 for the student, the checkpoint's own for the teacher).")
-    quantization: Optional[Literal["8bit", "4bit"]] = Field(None, description="lm teacher: load in 8-bit or 4-bit with bitsandbytes (CUDA only).")
-    fidelity_batches: int = Field(
-        2, ge=0, description="lm teacher in reduced precision (quantization or float16/bfloat16): batches of validation "
-        "data on which the KL from a float32 copy is printed; 0 turns the check off.")
-    lora: Optional[LoraConfig] = Field(None, description="lm student: train a LoRA adapter instead of every weight (QLoRA with quantization).")
-    cache: Optional[str] = Field(None, description="teacher: a directory written by `kdkit cache`: train from the teacher's stored outputs "
-                                 "without loading it (its source, when also given, must be the one the cache was made from).")
-
-    _size = field_validator("image_size")(classmethod(lambda cls, v: _positive_size(v)))
-
-    @property
-    def factory_file(self) -> Optional[str]:
-        """The file of a 'path/file.py:function' factory (None for 'package.module:function' or no factory)."""
-        if self.factory is None:
-            return None
-        file = self.factory.rpartition(":")[0]
-        return file if file.endswith(".py") else None
-
-    @model_validator(mode="after")
-    def _one_source(self) -> "ModelConfig":
-        given = [k for k in ("pretrained", "hf_config", "factory", "run") if getattr(self, k) is not None]
-        if len(given) != 1 and not (self.cache is not None and not given):
-            raise ValueError(f"give exactly one of pretrained, hf_config, factory, run (got {given or 'none'})")
-        if self.kwargs and self.factory is None:
-            raise ValueError("kwargs is only used with factory")
-        return self
-
 
 class LossTerm(Section):
     """One weighted term of the training loss. Its name (default: its kind) is logged as a loss part."""
 
-    kind: Literal["ce", "kd", "dkd"] = Field(..., description="ce: cross-entropy on labels; kd: temperature^2 * divergence "
-                                             "between teacher and student (Hinton KD with forward_kl); dkd: decoupled KD (Zhao et al. 2022).")
+    kind: Literal["ce", "kd", "dkd", "features", "attention"] = Field(
+        ..., description="ce: cross-entropy on labels; kd: temperature^2 * divergence between teacher and student (Hinton "
+        "KD with forward_kl); dkd: decoupled KD (Zhao et al. 2022); features: inner representations matched through "
+        "learned projectors; attention: ViT attention probabilities (KL) or CNN attention maps (transfer).")
     weight: float = Field(1.0, ge=0.0, description="Multiplier of this term in the total loss.")
     name: Optional[str] = Field(None, description="Name logged for this part (default: the kind).")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="ce: label smoothing.")
@@ -189,6 +128,20 @@ class LossTerm(Section):
     beta: float = Field(0.5, ge=0.0, le=1.0, description="kd: the JSD / skew parameter of the divergence.")
     dkd_alpha: float = Field(1.0, ge=0.0, description="dkd: weight of target-class KD (TCKD).")
     dkd_beta: float = Field(8.0, ge=0.0, description="dkd: weight of non-target-class KD (NCKD).")
+    teacher: Optional[str] = Field(None, description="With an ensemble teacher: the member (its name) this term learns "
+                                   "from (null: kd/dkd the combined soft targets; features/attention the first member).")
+    layers: Union[Literal["auto"], list[tuple[str, str]]] = Field(
+        "auto", description="features/attention: [[student module path, teacher module path], ...] (paths in the "
+        "model's `net`, as named_modules() names them; a leading `net.` is accepted), or auto: `num_pairs` evenly spaced "
+        "blocks of each model (ViT encoder layers, CNN stages or residual blocks). The plan is printed before training.")
+    num_pairs: int = Field(3, gt=0, description="features/attention with layers: auto: how many pairs (capped by the shallower model).")
+    distance: Literal["mse", "cosine", "smooth_l1"] = Field("mse", description="features: distance between projected student and teacher features.")
+    tokens: Literal["all", "cls"] = Field("all", description="features, token features (ViT): match every token or the CLS token only.")
+    mode: Literal["auto", "kl", "transfer"] = Field(
+        "auto", description="attention: kl (KL(teacher || student) of ViT attention probabilities; those layers switch "
+        "to eager attention), transfer (Zagoruyko & Komodakis attention maps of CNN features or ViT patch grids), "
+        "auto: kl where both layers are transformer blocks, else transfer.")
+    per_head: bool = Field(False, description="attention kl: match head by head (head counts must agree) instead of the head average.")
 
     @field_validator("divergence")
     @classmethod
@@ -210,6 +163,7 @@ class DistillConfig(Section):
     """What the student learns from. Without a teacher only the `ce` terms apply (plain supervised training)."""
 
     temperature: float = Field(4.0, gt=0.0, description="Default softmax temperature of kd/dkd terms.")
+    projector_lr: Optional[float] = Field(None, gt=0.0, description="Learning rate of the feature projectors (null: train.lr).")
     terms: list[LossTerm] = Field(default_factory=_default_terms, description="Weighted loss terms; default 0.1 ce + 0.9 kd at T=4.")
 
     @model_validator(mode="after")
@@ -343,12 +297,43 @@ class Config(Section):
                     raise ValueError(f"{role}: fidelity_batches is for task: lm teachers")
         if self.student.cache is not None:
             raise ValueError("student.cache: a cache holds a teacher's outputs; set teacher.cache")
-        if self.task == "vlm" and self.teacher is not None and self.teacher.cache is not None:
-            raise ValueError("teacher.cache: teacher caches are for task: lm and classification (not vlm yet)")
+        if self.task == "vlm" and self.teacher is not None and self.teacher.cache is not None and self.vlm.vision_feature_weight > 0:
+            raise ValueError("vlm.vision_feature_weight: needs the teacher's vision features, which teacher.cache does not hold")
         return self
 
     @model_validator(mode="after")
     def _teacher_terms(self) -> "Config":
         if self.teacher is None and self.compare_baseline:
             raise ValueError("compare_baseline needs a teacher (a run without one already is the baseline)")
+        inner = [t.label for t in self.distill.terms if t.kind in ("features", "attention")]
+        if inner and self.task != "classification":
+            raise ValueError(f"distill.terms {inner}: features and attention terms are for task: classification")
+        if inner and self.teacher is not None and self.teacher.cache is not None:
+            raise ValueError(f"distill.terms {inner}: need the teacher's inner features, which a cache does not hold")
+        members = [m.name for m in (self.teacher.ensemble or [])] if self.teacher is not None else []
+        for t in self.distill.terms:
+            if t.teacher is not None and t.teacher not in members:
+                raise ValueError(f"distill.terms.{t.label}.teacher: {t.teacher!r} is not a member of teacher.ensemble "
+                                 f"({', '.join(members) or 'no ensemble'})")
+        if members:
+            if self.task != "classification":
+                raise ValueError("teacher.ensemble: several teachers are for task: classification")
+            for m in self.teacher.ensemble:
+                if m.ensemble is not None or m.derive_from is not None or m.cache is not None:
+                    raise ValueError(f"teacher.ensemble.{m.name}: a member is one model (no ensemble, derive_from or cache)")
+            if self.teacher.cache is not None:
+                raise ValueError("teacher.cache: not with an ensemble (cache each member's run instead)")
+        if self.teacher is not None and self.teacher.derive_from is not None:
+            raise ValueError("teacher.derive_from: only a student is derived (from the teacher)")
+        if self.student.derive_from is not None and (self.teacher is None or self.teacher.ensemble is not None):
+            raise ValueError("student.derive_from: teacher needs a single teacher (pretrained, hf_config or run)")
+        if self.student.derive_from is not None:
+            if self.task == "vlm":
+                raise ValueError("student.derive_from: students are derived for task: classification and lm")
+            if self.teacher.factory is not None:
+                raise ValueError("student.derive_from: the teacher is a custom module (teacher.factory); a student is "
+                                 "derived from a Hugging Face ViT, BERT-like or Llama-like decoder teacher")
+            if not any(getattr(self.teacher, k) is not None for k in ("pretrained", "hf_config", "run")):
+                raise ValueError("student.derive_from: teacher.cache holds the teacher's outputs, not its model; also "
+                                 "give the source the cache was made from (teacher.pretrained, hf_config or run)")
         return self

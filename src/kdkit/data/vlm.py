@@ -154,6 +154,7 @@ class VLMData:
     test: VLMDataset
     fingerprint: str
     format: str = "vision-language"
+    tokenizer_fingerprint: Optional[str] = None  # the student's processor (kdkit.tasks.vlm sets it; cache keys name it)
 
 
 def _load(cfg) -> tuple[dict[str, list[VLMRecord]], dict]:

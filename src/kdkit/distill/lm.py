@@ -64,22 +64,30 @@ class LMDistiller:
     def step(self, batch: dict[str, Tensor], student: Callable | None = None) -> dict[str, Tensor]:
         """Every term in one chunked pass over the student's logits (fused_terms): the head is applied once."""
         student = student or self.student
-        ids, mask = batch["input_ids"], batch["attention_mask"]
         target = next_token_targets(batch["labels"])  # (B, L)
-        hidden = student(ids, mask)  # (B, L, H): the base model's last hidden state, no logits
-        t_hidden = t_weight = t_target = topk = None
-        if any(t.kind == "kd" for t in self.terms):
-            if self.cached:  # the batch's samples' stored rows, in the order the losses keep labelled positions
-                topk = self.teacher.rows(batch["index"].cpu(), (target != -100).sum(1).cpu())
-            elif self.cross:  # the teacher reads its own tokenization of the same samples
-                t_hidden, t_weight = self.teacher(batch["teacher_input_ids"], batch["teacher_attention_mask"])
-                t_weight, t_target = t_weight[:self.alignment.teacher_size], next_token_targets(batch["teacher_labels"])
-            else:
-                t_hidden, t_weight = self.teacher(ids, mask)
+        hidden = self.forward(student, batch)  # (B, L, H): the base model's last hidden state, no logits
+        teacher = self.teacher_outputs(batch, target) if self.uses_teacher() else {}
         total, parts = fused_terms(hidden, self.student.head_weight, target, [self._term(t) for t in self.terms],
-                                   teacher_hidden=t_hidden, teacher_weight=t_weight, vocab_rows=self.vocab_rows,
-                                   teacher_labels=t_target, teacher_topk=topk, chunk_size=self.chunk_size)
+                                   vocab_rows=self.vocab_rows, chunk_size=self.chunk_size, **teacher)
         return {"loss": total, **parts}
+
+    def forward(self, model: Callable, batch: dict[str, Tensor], prefix: str = "") -> Tensor:
+        """`model` (student or teacher) on the batch's tensors (the teacher's own with prefix "teacher_")."""
+        return model(batch[prefix + "input_ids"], batch[prefix + "attention_mask"])
+
+    def uses_teacher(self) -> bool:
+        return self.teacher is not None and any(t.kind == "kd" for t in self.terms)
+
+    def teacher_outputs(self, batch: dict[str, Tensor], target: Tensor) -> dict:
+        """fused_terms' teacher arguments for the batch: stored rows (a cache), or the teacher's hidden states."""
+        if self.cached:  # the batch's samples' stored rows, in the order the losses keep labelled positions
+            return {"teacher_topk": self.teacher.rows(batch["index"].cpu(), (target != -100).sum(1).cpu())}
+        if self.cross:  # the teacher reads its own tokenization of the same samples
+            t_hidden, t_weight = self.forward(self.teacher, batch, "teacher_")
+            return {"teacher_hidden": t_hidden, "teacher_weight": t_weight[:self.alignment.teacher_size],
+                    "teacher_labels": next_token_targets(batch["teacher_labels"])}
+        t_hidden, t_weight = self.forward(self.teacher, batch)
+        return {"teacher_hidden": t_hidden, "teacher_weight": t_weight}
 
     @torch.no_grad()
     def validate(self, model: nn.Module, loader, device, reduce: Callable[[Tensor], Tensor]) -> dict:

@@ -6,6 +6,8 @@ hence other image-token counts), its answer-position hidden states are moved ont
 (the i-th answer token of one sequence is the i-th of the other) and every divergence applies as usual; with another
 tokenizer the KD terms are ULD, as for language models. `vision_weight` > 0 adds the part `vision`: MSE between the
 teacher's vision-tower tokens and the student's, mapped to the teacher's width by the student's projector.
+A cached teacher (kdkit.teacher_cache.lm, `teacher.cache`) gives its stored top-k rows on the answer positions through
+LMDistiller's own code; it has no processor of its own and no vision features.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from torch import Tensor, nn
 from kdkit.distill.lm import LMDistiller, next_token_targets
 from kdkit.errors import UserError
 from kdkit.losses import fused_cross_entropy
-from kdkit.losses.fused import answer_pairs, fused_terms
+from kdkit.losses.fused import answer_pairs
 
 VISION_INPUTS = ("pixel_values", "image_grid_thw", "mm_token_type_ids")
 
@@ -49,36 +51,37 @@ class VLMDistiller(LMDistiller):
 
     def __init__(self, student: nn.Module, teacher: Optional[Callable], terms: list, temperature: float, *,
                  alignment=None, teacher_view: bool = False, vision_weight: float = 0.0,
-                 chunk_size: Optional[int] = None):
-        super().__init__(student, teacher, terms, temperature, alignment=alignment, chunk_size=chunk_size)
+                 vocab_rows: Optional[int] = None, chunk_size: Optional[int] = None):
+        """vocab_rows: the head rows the losses use when there is no alignment (a cached teacher's)."""
+        super().__init__(student, teacher, terms, temperature, alignment=alignment, vocab_rows=vocab_rows,
+                         chunk_size=chunk_size)
         self.teacher_view = teacher_view
         self.vision_weight = vision_weight if teacher is not None else 0.0
+        if self.cached and (teacher_view or self.vision_weight):
+            raise ValueError("a cached teacher has no processor of its own and no vision features")
 
     def step(self, batch: dict[str, Tensor], student: Optional[Callable] = None) -> dict[str, Tensor]:
+        """LMDistiller.step with the images (a cached teacher's stored rows the same way), plus the part `vision`."""
         student = student or self.student
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        target = next_token_targets(batch["labels"])  # (B, L)
-        hidden = student(ids, mask, **vision_inputs(batch))  # (B, L, H): no logits
-        t_hidden = t_weight = t_target = None
-        if self.teacher is not None and (self.vision_weight or any(t.kind == "kd" for t in self.terms)):
-            if self.teacher_view:
-                t_hidden, t_weight = self.teacher(batch["teacher_input_ids"], batch["teacher_attention_mask"],
-                                                  **vision_inputs(batch, "teacher_"))
-                own = next_token_targets(batch["teacher_labels"])
-                if self.cross:
-                    t_weight, t_target = t_weight[:self.alignment.teacher_size], own
-                else:
-                    t_hidden = realign(t_hidden, own, target)
-            else:
-                t_hidden, t_weight = self.teacher(ids, mask, **vision_inputs(batch))
-        total, parts = fused_terms(hidden, self.student.head_weight, target, [self._term(t) for t in self.terms],
-                                   teacher_hidden=t_hidden, teacher_weight=t_weight, vocab_rows=self.vocab_rows,
-                                   teacher_labels=t_target, chunk_size=self.chunk_size)
+        out = super().step(batch, student)
         if self.vision_weight:
             value = self._vision_loss(_unwrap(student))
-            total = total + self.vision_weight * value
-            parts["vision"] = value.detach()
-        return {"loss": total, **parts}
+            out["loss"] = out["loss"] + self.vision_weight * value
+            out["vision"] = value.detach()
+        return out
+
+    def forward(self, model: Callable, batch: dict[str, Tensor], prefix: str = "") -> Tensor:
+        return model(batch[prefix + "input_ids"], batch[prefix + "attention_mask"], **vision_inputs(batch, prefix))
+
+    def uses_teacher(self) -> bool:
+        return self.teacher is not None and (bool(self.vision_weight) or super().uses_teacher())
+
+    def teacher_outputs(self, batch: dict[str, Tensor], target: Tensor) -> dict:
+        if self.teacher_view and not self.cross and not self.cached:  # one vocabulary, another image processing
+            t_hidden, t_weight = self.forward(self.teacher, batch, "teacher_")
+            own = next_token_targets(batch["teacher_labels"])
+            return {"teacher_hidden": realign(t_hidden, own, target), "teacher_weight": t_weight}
+        return super().teacher_outputs(batch, target)
 
     def _vision_loss(self, student: nn.Module) -> Tensor:
         s, t = student.vision_features, self.teacher.vision_features

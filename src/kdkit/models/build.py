@@ -5,6 +5,8 @@ Four sources, one result (an `ImageClassifier`):
   hf_config   a Hugging Face config ({model_type: ...} or {base: ID/dir, ...overrides}); random weights
   factory     any nn.Module from 'package.module:function' or 'path/file.py:function' with kwargs
   run         a previous kdkit run directory (or its student/ directory): a model kdkit trained, reused as is
+and a student `derive_from: teacher` (kdkit.models.derive): the teacher's Hugging Face ViT with fewer layers or a
+narrower width, initialised from the teacher's weights, with the teacher's preprocessing.
 """
 
 from __future__ import annotations
@@ -206,9 +208,31 @@ def load_exported(path: str | Path, where: str) -> ImageClassifier:
     return ImageClassifier(net, is_hf=False, spec={"format": "module", "factory": meta["factory"], "kwargs": meta.get("kwargs", {})}, **pre)
 
 
+def _derived(spec: ModelConfig, teacher: ModelConfig | None, loaded: Any, num_classes: int, channels: int,
+             data_size: tuple[int, int], where: str) -> tuple[nn.Module, dict]:
+    """A student derived from the teacher (kdkit.models.derive), and the teacher's preprocessing. The loaded teacher
+    (a FrozenTeacher) is used when there is one; else (a cached teacher) the teacher is built from its spec."""
+    from kdkit.models.derive import SUPPORTED, derive_from_spec
+
+    model = getattr(loaded, "model", None)
+    if not isinstance(model, ImageClassifier):
+        sources = ("pretrained", "hf_config", "factory", "run")
+        if teacher is None or not any(getattr(teacher, k) is not None for k in sources):
+            raise UserError(f"{where}.derive_from: needs the teacher's model: with teacher.cache, also give the "
+                            "source the cache was made from (teacher.pretrained, hf_config or run)")
+        model = build_model(teacher.model_copy(update={"cache": None}), num_classes=num_classes, channels=channels,
+                            data_size=data_size, role="teacher")
+    if not model.is_hf:
+        raise UserError(f"{where}.derive_from: the teacher ({model.spec.get('factory', 'a custom module')}) is not a "
+                        f"Hugging Face model; a student is derived from {SUPPORTED}")
+    net = derive_from_spec(spec, model.net, where=where, dtype=torch.float32)
+    return net, {"mean": list(model.mean), "std": list(model.std), "image_size": tuple(model.image_size)}
+
+
 def build_model(spec: ModelConfig, *, num_classes: int, channels: int, data_size: tuple[int, int],
-                role: str = "student") -> ImageClassifier:
-    """A teacher or student as an ImageClassifier; errors name `<role>.<field>`."""
+                role: str = "student", teacher: ModelConfig | None = None, loaded_teacher: Any = None) -> ImageClassifier:
+    """A teacher or student as an ImageClassifier; errors name `<role>.<field>`. A student with `derive_from` is
+    made from `teacher` (its spec) and `loaded_teacher` (the FrozenTeacher, when loaded)."""
     where = role
     if spec.run is not None:
         model = load_exported(spec.run, f"{where}.run")
@@ -223,7 +247,8 @@ def build_model(spec: ModelConfig, *, num_classes: int, channels: int, data_size
         meta = {"format": "module", "factory": spec.factory, "kwargs": spec.kwargs}
         is_hf = False
     else:
-        net, pre = _hf_model(spec, num_classes, channels, where, role)
+        net, pre = (_derived(spec, teacher, loaded_teacher, num_classes, channels, data_size, where)
+                    if spec.derive_from is not None else _hf_model(spec, num_classes, channels, where, role))
         model_channels = int(getattr(net.config, "num_channels", channels))
         meta = {"format": "hf"}
         is_hf = True

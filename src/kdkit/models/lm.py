@@ -6,6 +6,8 @@ Sources (one per ModelConfig):
   pretrained  a hub ID or local save_pretrained directory (AutoModelForCausalLM)
   hf_config   {model_type: qwen2, hidden_size: ...} or {base: <ID or dir>, num_hidden_layers: 2, ...}: random weights
   run         a previous kdkit run directory (or its student/ directory) whose student is a causal LM
+and a student `derive_from: teacher` (kdkit.models.derive): the teacher's Llama-like config with fewer layers or a
+narrower width, initialised from the teacher's weights, reading the teacher's tokenizer.
 
 The distillation losses never see full logits: they take the last hidden state and the output head's weight
 (`kdkit.losses.fused`). `CausalLMStudent` exposes exactly those two for the trainer, and `build_causal_lm` refuses
@@ -54,10 +56,13 @@ def _read_meta(path: Path) -> dict:
 
 # --------------------------------------------------------------------------------------------------- tokenizer
 
-def _tokenizer_source(spec: ModelConfig, role: str) -> tuple[str, Optional[str], str] | None:
+def _tokenizer_source(spec: ModelConfig, role: str, teacher: Optional[ModelConfig] = None
+                      ) -> tuple[str, Optional[str], str] | None:
     """(source, revision, the field it came from) or None when the spec names no tokenizer."""
     if spec.tokenizer is not None:
         return spec.tokenizer, None, f"{role}.tokenizer"
+    if spec.derive_from is not None:  # a derived student reads the teacher's tokens
+        return _tokenizer_source(teacher, "teacher") if teacher is not None else None
     if spec.pretrained is not None:
         return spec.pretrained, spec.revision, f"{role}.pretrained"
     if spec.run is not None:
@@ -68,18 +73,19 @@ def _tokenizer_source(spec: ModelConfig, role: str) -> tuple[str, Optional[str],
     return None
 
 
-def load_tokenizer(spec: ModelConfig, role: str):
-    """The tokenizer of `spec`: `tokenizer`, else the pretrained model's, the run's student/, or hf_config.base's.
+def load_tokenizer(spec: ModelConfig, role: str, teacher: Optional[ModelConfig] = None):
+    """The tokenizer of `spec`: `tokenizer`, else the pretrained model's, the run's student/, or hf_config.base's
+    (a student with derive_from: the teacher's, from the `teacher` spec).
 
     A tokenizer without a pad token pads with its EOS token. UserError naming `<role>.tokenizer` when none can be
     loaded (or none is named: hf_config without base needs `tokenizer`)."""
     from transformers import AutoTokenizer
 
     where = f"{role}.tokenizer"
-    found = _tokenizer_source(spec, role)
+    found = _tokenizer_source(spec, role, teacher)
     if found is None:
-        raise UserError(f"{where}: {role}.hf_config has no base to take a tokenizer from; set {where} "
-                        "(a hub ID or directory)")
+        what = "the teacher names" if spec.derive_from is not None else f"{role}.hf_config has"
+        raise UserError(f"{where}: {what} no base to take a tokenizer from; set {where} (a hub ID or directory)")
     source, revision, field = found
     via = "" if field == where else f" (from {field})"
     _check_local(source, where + via)
@@ -187,8 +193,9 @@ def _from_pretrained(source: str, spec: ModelConfig, role: str, where: str, devi
     return model
 
 
-def _from_config(spec: ModelConfig, role: str, vocab_size: Optional[int]):
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _config_of(spec: ModelConfig, role: str, vocab_size: Optional[int]):
+    """The transformers config an hf_config spec describes."""
+    from transformers import AutoConfig
 
     where = f"{role}.hf_config"
     overrides = dict(spec.hf_config)
@@ -225,6 +232,14 @@ def _from_config(spec: ModelConfig, role: str, vocab_size: Optional[int]):
             raise UserError(f"{where}.base: cannot load the config of {base!r}: {_first_line(err)}") from None
         _check_causal_type(cfg.model_type, f"{where}.base", spec.trust_remote_code, getattr(cfg, "auto_map", None))
     _check_logits_config(cfg, where)
+    return cfg
+
+
+def _from_config(spec: ModelConfig, role: str, vocab_size: Optional[int]):
+    from transformers import AutoModelForCausalLM
+
+    where = f"{role}.hf_config"
+    cfg = _config_of(spec, role, vocab_size)
     try:
         return AutoModelForCausalLM.from_config(cfg, dtype=_dtype(spec, role, random_init=True),
                                                 trust_remote_code=spec.trust_remote_code)
@@ -233,8 +248,58 @@ def _from_config(spec: ModelConfig, role: str, vocab_size: Optional[int]):
         raise UserError(f"{where}: cannot build the model: {_first_line(err)}") from None
 
 
+def teacher_config(spec: ModelConfig, vocab_size: Optional[int] = None, role: str = "teacher"):
+    """The transformers config of a causal LM spec, without loading its weights."""
+    from transformers import AutoConfig
+
+    if spec.hf_config is not None:
+        return _config_of(spec, role, vocab_size)
+    if spec.pretrained is not None:
+        source, revision, where = spec.pretrained, spec.revision, f"{role}.pretrained"
+    else:
+        where = f"{role}.run"
+        path = export_dir(spec.run, where)
+        base = _read_meta(path).get("base") or {}  # an adapter export: the config is its base's
+        source = str(path / base["dir"]) if "dir" in base else base.get("pretrained", str(path))
+        revision = base.get("revision")
+    _check_local(source, where)
+    try:
+        return AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=spec.trust_remote_code)
+    except Exception as err:
+        _reraise_oom(err)
+        raise UserError(f"{where}: cannot load the config of {source!r}: {_first_line(err)}") from None
+
+
+def _derived(spec: ModelConfig, teacher: Optional[ModelConfig], loaded: Any, role: str, vocab_size: Optional[int]):
+    """A student derived from the teacher (kdkit.models.derive): from the loaded teacher's weights where it has
+    plain ones, else from the teacher built (init: teacher_layers) or only configured (init: random) from its spec."""
+    from transformers import AutoModelForCausalLM
+
+    from kdkit.models.derive import derive_from_spec
+
+    where = f"{role}.derive_from"
+    hf = getattr(loaded, "model", None)
+    quantized = hf is not None and getattr(hf.config, "quantization_config", None) is not None
+    if hf is None or quantized or getattr(loaded, "cached", False):
+        if teacher is None or not any(getattr(teacher, k) is not None for k in ("pretrained", "hf_config", "run")):
+            raise UserError(f"{where}: needs the teacher's model: with teacher.cache, also give the source the "
+                            "cache was made from (teacher.pretrained, hf_config or run)")
+        own = teacher.model_copy(update={"cache": None, "quantization": None, "gradient_checkpointing": False})
+        hf = (build_causal_lm(own, "teacher", vocab_size=vocab_size, check_logits=False)
+              if spec.init == "teacher_layers" else teacher_config(own, vocab_size))
+    return derive_from_spec(spec, hf, where=role, model_class=AutoModelForCausalLM, dtype=_dtype(spec, role))
+
+
+def derived_vocab_rows(spec: ModelConfig, teacher: ModelConfig, vocab_size: Optional[int] = None) -> int:
+    """The head rows of a derived student, from the configs alone (overrides.vocab_size, else the teacher's)."""
+    if "vocab_size" in spec.overrides:
+        return int(spec.overrides["vocab_size"])
+    return int(teacher_config(teacher.model_copy(update={"cache": None}), vocab_size).vocab_size)
+
+
 def build_causal_lm(spec: ModelConfig, role: str = "student", *, vocab_size: Optional[int] = None,
-                    device: Any = None, check_logits: bool = True):
+                    device: Any = None, check_logits: bool = True, teacher: Optional[ModelConfig] = None,
+                    loaded_teacher: Any = None):
     """A teacher or student causal LM (a transformers PreTrainedModel, on the CPU unless quantized).
 
     vocab_size: rows of a randomly initialised (hf_config) model's embeddings and head when hf_config does not set
@@ -242,6 +307,7 @@ def build_causal_lm(spec: ModelConfig, role: str = "student", *, vocab_size: Opt
     and run. dtype auto: float32 for the student and random weights, the checkpoint's own for a teacher.
     quantization (bitsandbytes, CUDA only) places the model on `device` (default cuda:LOCAL_RANK).
     check_logits: one forward on 8 tokens confirms the logits are `lm_head(last hidden state)`.
+    derive_from: made from `teacher` (its spec) and `loaded_teacher` (the FrozenCausalTeacher, when loaded).
     Errors name `<role>.<field>`."""
     if spec.factory is not None:
         raise UserError(f"{role}.factory: task lm builds causal LMs from pretrained, hf_config or run")
@@ -264,6 +330,9 @@ def build_causal_lm(spec: ModelConfig, role: str = "student", *, vocab_size: Opt
                                 "trust_remote_code": spec.trust_remote_code}
                                if _read_meta(path).get("format") == "hf" else None)
         _check_logits_config(model.config, where)
+    elif spec.derive_from is not None:
+        model = _derived(spec, teacher, loaded_teacher, role, vocab_size)
+        model._kdkit_source = None  # no loadable checkpoint: an adapter export must carry its base
     else:
         model = _from_config(spec, role, vocab_size)
         model._kdkit_source = None  # random weights: an adapter export must carry its base
@@ -276,7 +345,7 @@ def build_causal_lm(spec: ModelConfig, role: str = "student", *, vocab_size: Opt
         else:
             print(f"note: {role}.gradient_checkpointing: {type(model).__name__} does not support it; ignored")
     if check_logits:
-        field = "pretrained" if spec.pretrained is not None else "run" if spec.run is not None else "hf_config"
+        field = next(k for k in ("pretrained", "run", "derive_from", "hf_config") if getattr(spec, k) is not None)
         check_plain_logits(model, f"{role}.{field}")
     return model
 

@@ -10,6 +10,7 @@ from accelerate.utils import set_seed
 
 from kdkit.data import ImageData, build_image_data, make_loader
 from kdkit.distill import ClassificationDistiller, baseline_terms
+from kdkit.errors import UserError
 from kdkit.evaluate import classification_quality, measure_efficiency
 from kdkit.models import FrozenTeacher, build_model, fingerprint_model, load_exported, save_model
 
@@ -33,9 +34,19 @@ class ClassificationTask:
         if cfg.teacher.cache is not None:
             return self._cached_teacher(cfg, data)
         set_seed(cfg.seed)
-        model = build_model(cfg.teacher, num_classes=data.num_classes, channels=data.channels,
-                            data_size=data.image_size, role="teacher")
-        return FrozenTeacher(model, device)
+
+        def build(spec, where: str = "teacher"):
+            try:
+                return build_model(spec, num_classes=data.num_classes, channels=data.channels,
+                                   data_size=data.image_size, role="teacher")
+            except UserError as err:  # say which member
+                raise UserError(str(err).replace("teacher", where, 1)) from None
+
+        if cfg.teacher.ensemble is not None:
+            from kdkit.models.ensemble import build_ensemble
+
+            return build_ensemble(cfg.teacher, build, device)
+        return FrozenTeacher(build(cfg.teacher), device)
 
     def _cached_teacher(self, cfg, data: ImageData):
         """The teacher's stored logits on augmented views (kdkit.teacher_cache.classification), checked against this
@@ -64,10 +75,16 @@ class ClassificationTask:
     def make_distiller(self, cfg, data: ImageData, teacher, *, baseline: bool) -> ClassificationDistiller:
         set_seed(cfg.seed)  # baseline and distilled students start from the same weights
         student = build_model(cfg.student, num_classes=data.num_classes, channels=data.channels,
-                              data_size=data.image_size, role="student")
+                              data_size=data.image_size, role="student", teacher=cfg.teacher, loaded_teacher=teacher)
         terms = baseline_terms(cfg.distill) if baseline else cfg.distill.terms
+        inner = None
+        if any(t.kind in ("features", "attention") for t in terms):  # plan printed; projectors drawn after the student
+            from kdkit.distill.features import build_inner_terms
+
+            inner = build_inner_terms(terms, student, teacher, channels=data.channels, image_size=data.image_size,
+                                      lr=cfg.train.lr, projector_lr=cfg.distill.projector_lr)
         return ClassificationDistiller(student, None if baseline else teacher, terms, cfg.distill.temperature,
-                                       cfg.data.augment)
+                                       cfg.data.augment, inner=inner, projector_lr=cfg.distill.projector_lr)
 
     def export(self, cfg, student, data: ImageData, out_dir: Path) -> Path:
         return save_model(student, out_dir, class_names=data.class_names)
@@ -87,10 +104,26 @@ class ClassificationTask:
             return out
 
         cached = getattr(teacher, "cached", False)
-        parts = {name: describe(load_exported(run, f"{run}/student"), None if cached else teacher)
-                 for name, run in students.items()}
+
+        def reference():
+            if not cached:
+                return teacher
+            stored = teacher.reader.manifest.get("teacher_test_predictions")  # in test order; None for older caches
+            if stored is None or len(stored) != len(data.test):
+                return None
+            from kdkit.teacher_cache.classification import StoredPredictions
+
+            return StoredPredictions(stored, data.num_classes)
+
+        parts = {name: describe(load_exported(run, f"{run}/student"), reference()) for name, run in students.items()}
         if cached:  # measured by `kdkit cache`, which had it loaded
             parts["teacher"] = dict(teacher.reader.manifest.get("teacher_metrics") or {})
         elif teacher is not None:
             parts["teacher"] = describe(teacher.model, None)
+            if hasattr(teacher, "member"):  # an ensemble: each member's own test figures too
+                parts["teacher"]["members"] = {
+                    name: classification_quality(teacher.member(name).model, loader, device)
+                    for name in teacher.names}
+                print("teacher members (test accuracy): " + ", ".join(
+                    f"{n} {v['accuracy']:.2f}%" for n, v in parts["teacher"]["members"].items()), flush=True)
         return parts

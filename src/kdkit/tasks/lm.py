@@ -36,7 +36,7 @@ class LMTask:
         from kdkit.data.text import build_text_data
         from kdkit.models.lm import load_tokenizer
 
-        self.tokenizer = load_tokenizer(cfg.student, "student")
+        self.tokenizer = load_tokenizer(cfg.student, "student", teacher=cfg.teacher)
         other = None
         if cfg.teacher is not None and cfg.teacher.cache is None:  # another tokenizer: the teacher reads its own
             from kdkit.models.vocab import align_vocabularies
@@ -75,20 +75,21 @@ class LMTask:
         return teacher
 
     def _cached_teacher(self, cfg, data):
-        """The teacher's stored outputs (kdkit.teacher_cache.lm), checked against this run's data, tokenizer and settings."""
+        """The teacher's stored outputs (kdkit.teacher_cache.lm), checked against this run's data, tokenizer (vlm: the
+        processor) and settings."""
         from kdkit.teacher_cache import CacheReader
         from kdkit.teacher_cache.build import teacher_spec_hash
-        from kdkit.teacher_cache.lm import CachedLMTeacher, kd_temperature
+        from kdkit.teacher_cache.lm import CachedLMTeacher, kd_temperature, max_length
 
         if getattr(data.train, "streaming", False):
             raise UserError("teacher.cache: training from a cache needs the training split in memory (no streaming)")
         reader = CacheReader(cfg.teacher.cache)
         expected = {"data": data.fingerprint, "tokenizer": data.tokenizer_fingerprint,
-                    "settings": {"temperature": kd_temperature(cfg), "max_length": cfg.data.text.max_length},
+                    "settings": {"temperature": kd_temperature(cfg), "max_length": max_length(cfg)},
                     "num_samples": len(data.train)}
         if any(getattr(cfg.teacher, k) is not None for k in ("pretrained", "hf_config", "factory", "run")):
             expected["teacher_spec"] = teacher_spec_hash(cfg.teacher)
-        reader.check("lm", expected)
+        reader.check(cfg.task, expected)  # lm, or vlm (kdkit.tasks.vlm): the same rows, one format
         settings = reader.key["settings"]
         tail = settings.get("tail_samples") or 0
         print(f"teacher: cache {reader.dir} (top-{settings['top_k']} log-probabilities at T={settings['temperature']} "
@@ -125,6 +126,10 @@ class LMTask:
     def _student_rows(self, cfg) -> int:
         """The student head's rows, from its config alone (the alignment is decided before any training)."""
         spec = cfg.student
+        if spec.derive_from is not None:
+            from kdkit.models.lm import derived_vocab_rows
+
+            return derived_vocab_rows(spec, cfg.teacher, len(self.tokenizer))
         if spec.hf_config is not None:  # make_distiller builds it with the tokenizer's length unless set
             return int(spec.hf_config.get("vocab_size", len(self.tokenizer)))
         from transformers import AutoConfig
@@ -141,7 +146,8 @@ class LMTask:
         from kdkit.models.lora import apply_lora
 
         set_seed(cfg.seed)  # baseline and distilled students start from the same weights
-        lm = build_causal_lm(cfg.student, "student", vocab_size=len(self.tokenizer))
+        lm = build_causal_lm(cfg.student, "student", vocab_size=len(self.tokenizer), teacher=cfg.teacher,
+                             loaded_teacher=teacher)
         if cfg.student.lora is not None:
             lm = apply_lora(lm, cfg.student.lora)
         student = CausalLMStudent(lm)

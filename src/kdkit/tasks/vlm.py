@@ -17,6 +17,7 @@ from kdkit.data import make_loader
 from kdkit.distill.classification import baseline_terms
 from kdkit.distill.vlm import VLMDistiller, vision_inputs, vlm_quality
 from kdkit.evaluate.efficiency import _RssPeak, count_params, safetensors_size
+from kdkit.errors import UserError
 from kdkit.evaluate.text import answer_quality
 from kdkit.tasks.lm import LMTask, uld_terms
 
@@ -38,12 +39,18 @@ class VLMTask(LMTask):
 
         self.processor = load_processor(cfg.student, "student", cfg.vlm)
         self.tokenizer = self.processor.tokenizer
-        if cfg.teacher is not None:
+        if cfg.teacher is not None and _has_source(cfg.teacher):  # a cache alone: its key names the processor
             self.teacher_processor = load_processor(cfg.teacher, "teacher", cfg.vlm)
             self.teacher_tokenizer = self.teacher_processor.tokenizer
             self.teacher_view = self.teacher_processor.identity() != self.processor.identity()
+            if self.teacher_view and cfg.teacher.cache is not None:
+                raise UserError("teacher.cache: the teacher's processor differs from the student's (tokenizer, chat "
+                                "template or image processing); a cache holds rows for one encoding of the samples, "
+                                "so this pair distils online only")
         data = build_vlm_data(cfg, self.processor, self.teacher_processor if self.teacher_view else None)
         data.fingerprint = hashlib.sha256(f"{data.fingerprint}:{self.processor.identity()}".encode()).hexdigest()
+        # the processor's own fingerprint: a teacher cache's key names it (kdkit.teacher_cache.lm)
+        data.tokenizer_fingerprint = hashlib.sha256(self.processor.identity().encode()).hexdigest()
         return data
 
     def describe_data(self, data) -> str:
@@ -54,6 +61,8 @@ class VLMTask(LMTask):
     def load_teacher(self, cfg, data, device):
         if cfg.teacher is None:
             return None
+        if cfg.teacher.cache is not None:
+            return self._cached_teacher(cfg, data)  # LMTask's: the same rows on answer tokens, kind vlm
         from kdkit.models.vlm import FrozenVLMTeacher, build_vlm, load_processor
 
         if self.teacher_processor is None:
@@ -86,6 +95,9 @@ class VLMTask(LMTask):
         if cfg.student.lora is not None:
             lm = apply_lora(lm, cfg.student.lora)
         use_teacher = None if baseline else teacher
+        if getattr(use_teacher, "cached", False):  # its stored rows (in the student's vocabulary) in the fused losses
+            return VLMDistiller(VLMStudent(lm, freeze_vision=cfg.vlm.freeze_vision), use_teacher, cfg.distill.terms,
+                                cfg.distill.temperature, vocab_rows=use_teacher.vocab_rows)
         vision = cfg.vlm.vision_feature_weight if use_teacher is not None else 0.0
         student = VLMStudent(lm, freeze_vision=cfg.vlm.freeze_vision,
                              projector_to=use_teacher.hidden_size if vision else None)
@@ -113,7 +125,9 @@ class VLMTask(LMTask):
             fn = lambda b, m=model: (m(b["input_ids"], b["attention_mask"], **vision_inputs(b)), m.head_weight)  # noqa: E731
             parts[name] = vlm_quality(fn, loader, device)
             parts[name].update(self._generation(cfg, model.lm, data.test, device, self.processor, teacher=False))
-        if teacher is not None:
+        if getattr(teacher, "cached", False):  # measured by `kdkit cache`, which had it loaded
+            parts["teacher"] = dict(teacher.reader.manifest.get("teacher_metrics") or {})
+        elif teacher is not None:
             prefix = "teacher_" if self.teacher_view else ""
             fn = lambda b: teacher(b["input_ids"], b["attention_mask"], **vision_inputs(b))  # noqa: E731
             parts["teacher"] = vlm_quality(fn, loader, device, prefix=prefix)
@@ -150,6 +164,10 @@ class VLMTask(LMTask):
         if cfg.eval.efficiency:
             out.update(_batched_throughput(model, [p for p, _ in prompts], cfg.eval.batch_size, device, gen_kw))
         return out
+
+
+def _has_source(spec) -> bool:
+    return any(getattr(spec, k) is not None for k in ("pretrained", "hf_config", "factory", "run"))
 
 
 def _sync(device) -> None:

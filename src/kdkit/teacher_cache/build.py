@@ -23,6 +23,7 @@ class Plan:
     num_samples: int
     unit: str  # what bytes are counted per: "token" or "image"
     write: Callable
+    extra: Callable[[], dict] | None = None  # more manifest entries, computed once after the shards
 
 
 def teacher_spec_hash(spec) -> str:
@@ -36,28 +37,15 @@ def teacher_spec_hash(spec) -> str:
 
 
 def make_plan(cfg, task, data, teacher, device) -> Plan:
-    if cfg.task == "lm":
-        from kdkit.teacher_cache.lm import compute_shard, settings
+    if cfg.task in ("lm", "vlm"):
+        from kdkit.teacher_cache.lm import make_token_plan
 
-        if getattr(data.train, "teacher", None) is not None:
-            raise UserError("teacher: a cache across tokenizers is not supported yet; distil online (ULD)")
-        if not hasattr(data.train, "get_batch"):
-            raise UserError("data.text.streaming: a teacher cache needs the training split in memory")
-        n = task._alignment(task._student_rows(cfg), teacher).size
-        s = settings(cfg, n)
-        key = {"data": data.fingerprint, "tokenizer": data.tokenizer_fingerprint, "settings": s,
-               "teacher_spec": teacher_spec_hash(cfg.teacher), "teacher": task.teacher_fingerprint(teacher)}
-
-        def write(start: int, end: int, advance):
-            return compute_shard(teacher, data.train, start, end, k=s["top_k"], temperature=s["temperature"],
-                                 tail_samples=s["tail_samples"], vocab_rows=n, batch_size=cfg.eval.batch_size, device=device, advance=advance)
-
-        return Plan("lm", key, len(data.train), "token", write)
+        return make_token_plan(cfg, task, data, teacher, device)
     if cfg.task == "classification":
         from kdkit.teacher_cache.classification import make_classification_plan
 
         return make_classification_plan(cfg, task, data, teacher, device)
-    raise UserError(f"task: {cfg.task}: `kdkit cache` supports lm and classification")
+    raise UserError(f"task: {cfg.task}: `kdkit cache` supports lm, vlm and classification")
 
 
 @contextmanager
@@ -122,6 +110,7 @@ def build_cache(cfg, output: str | Path, *, overwrite: bool = False, progress: b
         teacher_metrics = task.evaluate(cfg, None, data, teacher, acc.device, {}).get("teacher", {})
         manifest = writer.finish(plan.unit)
         manifest["teacher_metrics"] = teacher_metrics
+        manifest.update(plan.extra() if plan.extra is not None else {})
         (Path(output) / "manifest.json").write_text(json.dumps(manifest, indent=1))
         mb = sum(s["bytes"] for s in manifest["shards"]) / 1e6
         print(f"cache: {output}: {manifest['num_samples']} samples, {manifest['units']:,} {plan.unit}s, {mb:,.1f} MB "

@@ -65,7 +65,28 @@ def make_classification_plan(cfg, task, data, teacher, device):
             advance(len(index))
         return {"logits": torch.cat(logits), "seeds": torch.cat(seeds)}, end - start
 
-    return Plan("classification", key, len(data.train), "image", write)
+    def extra() -> dict:
+        """The teacher's test-set predictions, in order: a run from the cache reports the student's agreement."""
+        from kdkit.data import make_loader
+
+        loader = make_loader(data.test, batch_size=cfg.eval.batch_size, shuffle=False, seed=cfg.seed)
+        preds = [teacher(batch["pixels"].to(device)).argmax(-1).cpu() for batch in loader]
+        return {"teacher_test_predictions": torch.cat(preds).tolist() if preds else []}
+
+    return Plan("classification", key, len(data.train), "image", write, extra)
+
+
+class StoredPredictions:
+    """A stand-in reference for `classification_quality`: the cached teacher's test predictions, handed out batch by
+    batch in the (unshuffled) test loader's order, as one-hot logits."""
+
+    def __init__(self, predictions: list[int], num_classes: int):
+        self.predictions, self.num_classes, self.at = torch.tensor(predictions, dtype=torch.long), num_classes, 0
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        chunk = self.predictions[self.at:self.at + len(pixels)]
+        self.at += len(pixels)
+        return torch.nn.functional.one_hot(chunk, self.num_classes).float()
 
 
 class CachedClassifierTeacher:

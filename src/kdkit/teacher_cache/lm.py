@@ -1,5 +1,6 @@
-"""Language-model teacher caches: per labelled position, the top-k log-probabilities at the distillation temperature,
-their token ids (in the student's vocabulary: the aligned head rows) and the log of the remaining mass.
+"""Language-model and vision-language teacher caches (task lm and vlm, one format): per labelled position, the
+top-k log-probabilities at the distillation temperature, their token ids (in the student's vocabulary: the aligned
+head rows) and the log of the remaining mass.
 
 A shard holds, for its samples in dataset order: "offsets" int64 (n + 1,) into the positions; "ids" (P, k) int16
 (id - 32768, for vocabularies up to 65536 rows) or int32; "logp" float16 (P, k); "log_rest" float32 (P,); with
@@ -9,6 +10,9 @@ unbiased (kdkit.losses.sparse). The draws are seeded by the shard's first sample
 processes write it. The positions of a sample are those whose next-token target is labelled, in order: exactly the
 rows the fused losses keep, so a batch's cached rows line up with its labelled positions. Bytes per token:
 4 k + 2 s + 8 for vocabularies up to 65536 rows (the default k = 64, s = 16: 296), 6 k + 4 s + 8 above.
+
+For vlm the teacher reads the batch's images too and the positions are the answer tokens; the student's and the
+teacher's processors must be the same (one encoding of every sample), and nothing of the vision tower is kept.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ def settings(cfg, vocab_rows: int) -> dict:
     k = min(cfg.cache.top_k, vocab_rows)
     forward = any(t.kind == "kd" and t.divergence == "forward_kl" for t in cfg.distill.terms)
     return {"top_k": k, "tail_samples": cfg.cache.tail_samples if forward and k < vocab_rows else 0,
-            "temperature": kd_temperature(cfg), "vocab_rows": int(vocab_rows), "max_length": cfg.data.text.max_length}
+            "temperature": kd_temperature(cfg), "vocab_rows": int(vocab_rows), "max_length": max_length(cfg)}
 
 
 def _to_store(ids: torch.Tensor, vocab_rows: int) -> torch.Tensor:
@@ -45,11 +49,51 @@ def _from_store(x: torch.Tensor) -> torch.Tensor:
     return x.long() + SHIFT if x.dtype == torch.int16 else x.long()
 
 
+def max_length(cfg) -> int:
+    """The config's tokens per sample (task lm: data.text.max_length; vlm: vlm.max_length, image tokens included)."""
+    return cfg.vlm.max_length if cfg.task == "vlm" else cfg.data.text.max_length
+
+
+def make_token_plan(cfg, task, data, teacher, device):
+    """The Plan of task lm or vlm: the teacher's rows at every labelled (answer) position, in the student's vocabulary
+    after alignment (the first `vocab_rows` head rows both share)."""
+    from kdkit.teacher_cache.build import Plan, teacher_spec_hash
+
+    if getattr(data.train, "teacher", None) is not None:  # the teacher reads its own encoding of the samples
+        if cfg.task == "vlm":
+            raise UserError("teacher: its processor differs from the student's (tokenizer, chat template or image "
+                            "processing) and a cache holds rows for one encoding of the samples; distil online")
+        raise UserError("teacher: a cache across tokenizers is not supported yet; distil online (ULD)")
+    if cfg.task == "vlm" and cfg.vlm.vision_feature_weight > 0:
+        raise UserError("vlm.vision_feature_weight: needs the teacher's vision features, which a cache does not "
+                        "hold; set it to 0 to cache the teacher, or distil online")
+    if not hasattr(data.train, "get_batch"):
+        raise UserError("data.text.streaming: a teacher cache needs the training split in memory")
+    n = task._alignment(task._student_rows(cfg), teacher).size
+    s = settings(cfg, n)
+    key = {"data": data.fingerprint, "tokenizer": data.tokenizer_fingerprint, "settings": s,
+           "teacher_spec": teacher_spec_hash(cfg.teacher), "teacher": task.teacher_fingerprint(teacher)}
+    if cfg.task == "vlm":
+        from kdkit.distill.vlm import vision_inputs
+
+        forward = lambda b: teacher(b["input_ids"], b["attention_mask"], **vision_inputs(b))  # noqa: E731
+    else:
+        forward = lambda b: teacher(b["input_ids"].to(device), b["attention_mask"].to(device))  # noqa: E731
+
+    def write(start: int, end: int, advance):
+        return compute_shard(forward, data.train, start, end, k=s["top_k"], temperature=s["temperature"],
+                             tail_samples=s["tail_samples"], vocab_rows=n, batch_size=cfg.eval.batch_size,
+                             device=device, advance=advance)
+
+    return Plan(cfg.task, key, len(data.train), "token", write)
+
+
 @torch.no_grad()
-def compute_shard(teacher, dataset, start: int, end: int, *, k: int, temperature: float, vocab_rows: int,
+def compute_shard(forward, dataset, start: int, end: int, *, k: int, temperature: float, vocab_rows: int,
                   batch_size: int, device, tail_samples: int = 0, chunk_rows: int = 1024,
                   advance=lambda n: None) -> tuple[dict, int]:
-    """The shard tensors of samples [start, end) of `dataset` (a TextDataset) and its number of positions."""
+    """The shard tensors of samples [start, end) of `dataset` (anything with `get_batch(index)` -> {"labels", ...})
+    and its number of positions; `forward(batch)` -> the teacher's (hidden (B, L, H), head (V, H)) on the batch."""
     counts, ids_out, logp_out, rest_out, tail_out, negent_out = [], [], [], [], [], []
     generator = torch.Generator(device).manual_seed(1_000_003 * start + 17)
     for a in range(start, end, batch_size):
@@ -57,7 +101,7 @@ def compute_shard(teacher, dataset, start: int, end: int, *, k: int, temperature
         batch = dataset.get_batch(index)
         target = next_token_targets(batch["labels"])  # (B, L)
         keep = target != -100
-        hidden, head = teacher(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        hidden, head = forward(batch)
         rows = hidden[keep.to(hidden.device)]  # (K, H), row-major: sample by sample, position by position
         head = head[:vocab_rows]
         for c in range(0, rows.shape[0], chunk_rows):

@@ -9,7 +9,7 @@ Layout of a cache directory:
                            keeps it when its sha256 still matches
 The key says what the cache was made from. A run that trains from the cache compares the parts it can check
 (data, tokenizer, settings, and the teacher's spec when the config names one) and refuses a mismatch, naming the part.
-What a shard holds is up to the task (kdkit.teacher_cache.lm, kdkit.teacher_cache.classification).
+What a shard holds is up to the task (kdkit.teacher_cache.lm for lm and vlm, kdkit.teacher_cache.classification).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from kdkit.train.checkpoint import sha256_file
 
 MANIFEST = "manifest.json"
 VERSION = 1
-KEY_PARTS = ("data", "tokenizer", "settings", "teacher_spec", "teacher")
+KEY_PARTS = ("tokenizer", "data", "settings", "teacher_spec", "teacher")  # the data fingerprint includes the tokenizer
 
 
 def shard_file(i: int) -> str:
@@ -55,7 +55,9 @@ def describe_difference(found: dict, expected: dict, where: str) -> Optional[str
                             f"{v!r}")
         elif found.get(part) != expected[part]:
             what = {"data": "other data (the training split's tokens or pixels, or its order, differ)",
-                    "tokenizer": "another tokenizer", "teacher_spec": "another teacher (the config's teacher differs)",
+                    "tokenizer": "another tokenizer (vlm: another processor: tokenizer, chat template or image "
+                                 "processing)",
+                    "teacher_spec": "another teacher (the config's teacher differs)",
                     "teacher": "another teacher (its weights differ)"}[part]
             return f"{where} was made from {what}"
     return None

@@ -107,7 +107,7 @@ def training_trial(distiller, dataset, accelerator) -> Callable[[int], None]:
     student's weights, gradients, buffers (BatchNorm statistics) and every RNG as they were."""
     from kdkit.data import make_loader
 
-    student = distiller.student
+    student = getattr(distiller, "trainable", distiller.student)  # with feature projectors, when it has them
 
     def trial(micro: int) -> None:
         micro_n = min(micro, len(dataset))

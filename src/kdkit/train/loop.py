@@ -85,9 +85,14 @@ class Trainer:
         self.config_hash = resume_hash(cfg, teacher_fingerprint, data.fingerprint, accelerator.num_processes)
         self.teacher_fingerprint = teacher_fingerprint
 
-        student = distiller.student
-        params = [p for p in student.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=t.betas)
+        # A distiller may train more than its student (feature projectors): `trainable` is then the module to prepare,
+        # holding the student as `.student`, and `param_groups(lr)` its optimizer groups. Checkpoints hold all of it;
+        # evaluation and export see the student alone (`self.student`).
+        trainable = getattr(distiller, "trainable", distiller.student)
+        self._wrapped = trainable is not distiller.student
+        groups = (distiller.param_groups(t.lr) if hasattr(distiller, "param_groups")
+                  else [{"params": [p for p in trainable.parameters() if p.requires_grad]}])
+        self.optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay, betas=t.betas)
         warmup = t.warmup_steps if t.warmup_steps is not None else int(t.warmup_ratio * self.total_steps)
         try:
             # Not prepared: Accelerate would step it once per process; we step it once per optimizer step.
@@ -95,7 +100,7 @@ class Trainer:
                                            num_training_steps=self.total_steps)
         except (ValueError, KeyError) as err:
             raise UserError(f"train.scheduler: {err}") from None
-        self.model, self.optimizer = accelerator.prepare(student, self.optimizer)
+        self.model, self.optimizer = accelerator.prepare(trainable, self.optimizer)
         self.stop_signal = 0  # set by _step when any rank received SIGINT/SIGTERM
         self.state = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "best_metric": None, "best_step": None,
                       "evals_since_best": 0, "consecutive_skips": 0, "skipped_steps": 0, "elapsed_s": 0.0,
@@ -168,7 +173,7 @@ class Trainer:
     def evaluate(self) -> dict[str, Any] | None:
         if self.data.val is None or len(self.data.val) == 0:
             return None
-        model = self.acc.unwrap_model(self.model)
+        model = self.student
         was_training = model.training
         model.eval()
         # each process evaluates a disjoint shard (no padding, so no sample counts twice); the totals are summed
@@ -365,7 +370,8 @@ class Trainer:
 
     @property
     def student(self):
-        return self.acc.unwrap_model(self.model)
+        model = self.acc.unwrap_model(self.model)
+        return model.student if self._wrapped else model
 
 
 def _as_tuple(x):
