@@ -118,6 +118,21 @@ def test_a_cache_for_other_data_or_settings_is_refused_by_name(cached, tmp_path,
     assert "another teacher" in capsys.readouterr().err
 
 
+
+def test_a_student_head_smaller_than_the_cached_vocabulary_is_refused(cached, tmp_path, capsys):
+    from kdkit.errors import UserError
+    from kdkit.teacher_cache import CacheReader
+    from kdkit.teacher_cache.lm import CachedLMTeacher
+
+    tmp, _ = cached
+    reader = CacheReader(tmp / "cache")
+    teacher = CachedLMTeacher(reader, reader.key["settings"])
+    teacher.check_student(300)  # the rows it was made for, or more, are fine
+    teacher.check_student(320)
+    with pytest.raises(UserError, match="over 300 vocabulary rows but the student's head has 256"):
+        teacher.check_student(256)
+
+
 def test_a_corrupt_shard_is_named(cached, tmp_path, capsys):
     tmp, cfg = cached
     broken = tmp_path / "broken"

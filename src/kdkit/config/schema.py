@@ -119,7 +119,7 @@ class LossTerm(Section):
     kind: Literal["ce", "kd", "dkd", "features", "attention"] = Field(
         ..., description="ce: cross-entropy on labels; kd: temperature^2 * divergence between teacher and student (Hinton "
         "KD with forward_kl); dkd: decoupled KD (Zhao et al. 2022); features: inner representations matched through "
-        "learned projectors; attention: ViT attention probabilities (KL) or CNN attention maps (transfer).")
+        "learned projectors (lm: the last hidden states); attention: ViT attention probabilities (KL) or CNN attention maps (transfer).")
     weight: float = Field(1.0, ge=0.0, description="Multiplier of this term in the total loss.")
     name: Optional[str] = Field(None, description="Name logged for this part (default: the kind).")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="ce: label smoothing.")
@@ -306,8 +306,12 @@ class Config(Section):
         if self.teacher is None and self.compare_baseline:
             raise ValueError("compare_baseline needs a teacher (a run without one already is the baseline)")
         inner = [t.label for t in self.distill.terms if t.kind in ("features", "attention")]
-        if inner and self.task != "classification":
-            raise ValueError(f"distill.terms {inner}: features and attention terms are for task: classification")
+        attention = [t.label for t in self.distill.terms if t.kind == "attention"]
+        if attention and self.task != "classification":
+            raise ValueError(f"distill.terms {attention}: attention terms are for task: classification")
+        if inner and self.task == "vlm":
+            raise ValueError(f"distill.terms {inner}: features terms are for task: classification and lm "
+                             "(vlm: vlm.vision_feature_weight)")
         if inner and self.teacher is not None and self.teacher.cache is not None:
             raise ValueError(f"distill.terms {inner}: need the teacher's inner features, which a cache does not hold")
         members = [m.name for m in (self.teacher.ensemble or [])] if self.teacher is not None else []

@@ -31,7 +31,7 @@ class LMDistiller:
 
     def __init__(self, student: nn.Module, teacher: Callable | None, terms: list[LossTerm], temperature: float,
                  *, alignment: VocabAlignment | None = None, vocab_rows: int | None = None,
-                 chunk_size: int | None = None):
+                 chunk_size: int | None = None, features: nn.Module | None = None, projector_lr: float | None = None):
         """alignment: how the heads line up (models.vocab); "different" tokenizers make the teacher read the batch's
         teacher_input_ids / teacher_attention_mask / teacher_labels and every KD term a ULD term."""
         needs_teacher = [t.label for t in terms if t.kind == "kd"]
@@ -44,6 +44,18 @@ class LMDistiller:
         self.temperature, self.alignment, self.chunk_size = temperature, alignment, chunk_size
         self.vocab_rows = alignment.student_size if alignment is not None else vocab_rows
         self.cached = getattr(teacher, "cached", False)  # a kdkit.teacher_cache.lm.CachedLMTeacher: sparse teacher rows
+        # features terms (kdkit.distill.lm_features): the student with its projectors is what the trainer prepares
+        self.with_features = features
+        self.trainable: nn.Module = features if features is not None else student
+        self.projector_lr = projector_lr
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """The student's trainable parameters at `lr`, then the feature projectors' at `projector_lr` (default lr)."""
+        groups = [{"params": [p for p in self.student.parameters() if p.requires_grad], "lr": lr}]
+        projectors = [p for p in self.with_features.projectors.parameters()] if self.with_features is not None else []
+        if projectors:
+            groups.append({"params": projectors, "lr": self.projector_lr or lr, "name": "projectors"})
+        return groups
 
     def prepare_batch(self, batch: dict[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
         return batch
@@ -63,12 +75,24 @@ class LMDistiller:
 
     def step(self, batch: dict[str, Tensor], student: Callable | None = None) -> dict[str, Tensor]:
         """Every term in one chunked pass over the student's logits (fused_terms): the head is applied once."""
-        student = student or self.student
+        student = self.trainable if student is None or student is self.student else student
         target = next_token_targets(batch["labels"])  # (B, L)
-        hidden = self.forward(student, batch)  # (B, L, H): the base model's last hidden state, no logits
         teacher = self.teacher_outputs(batch, target) if self.uses_teacher() else {}
-        total, parts = fused_terms(hidden, self.student.head_weight, target, [self._term(t) for t in self.terms],
-                                   vocab_rows=self.vocab_rows, chunk_size=self.chunk_size, **teacher)
+        feature_parts = {}
+        if self.with_features is not None:  # inside the prepared module's forward, so DDP sees the projectors
+            hidden, feature_parts = student(batch["input_ids"], batch["attention_mask"],
+                                            teacher_hidden=teacher["teacher_hidden"], keep=target != -100)
+        else:
+            hidden = self.forward(student, batch)  # (B, L, H): the base model's last hidden state, no logits
+        fused = [self._term(t) for t in self.terms if t.kind in ("ce", "kd")]
+        if not any(t.kind == "kd" for t in self.terms):
+            teacher = {}
+        total, parts = fused_terms(hidden, self.student.head_weight, target, fused, vocab_rows=self.vocab_rows,
+                                   chunk_size=self.chunk_size, **teacher)
+        for t in self.terms:
+            if t.label in feature_parts:
+                total = total + t.weight * feature_parts[t.label]
+                parts[t.label] = feature_parts[t.label].detach()
         return {"loss": total, **parts}
 
     def forward(self, model: Callable, batch: dict[str, Tensor], prefix: str = "") -> Tensor:
@@ -76,7 +100,7 @@ class LMDistiller:
         return model(batch[prefix + "input_ids"], batch[prefix + "attention_mask"])
 
     def uses_teacher(self) -> bool:
-        return self.teacher is not None and any(t.kind == "kd" for t in self.terms)
+        return self.teacher is not None and any(t.kind in ("kd", "features") for t in self.terms)
 
     def teacher_outputs(self, batch: dict[str, Tensor], target: Tensor) -> dict:
         """fused_terms' teacher arguments for the batch: stored rows (a cache), or the teacher's hidden states."""

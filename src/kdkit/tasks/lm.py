@@ -154,11 +154,17 @@ class LMTask:
         use_teacher = None if baseline else teacher
         terms = baseline_terms(cfg.distill) if baseline else cfg.distill.terms
         if getattr(use_teacher, "cached", False):
+            use_teacher.check_student(student.vocab_rows)
             return LMDistiller(student, use_teacher, terms, cfg.distill.temperature, vocab_rows=use_teacher.vocab_rows)
         alignment = self._alignment(student.vocab_rows, use_teacher) if use_teacher is not None else None
-        if alignment is not None and alignment.kind == "different":
+        cross = alignment is not None and alignment.kind == "different"
+        if cross:
             terms = uld_terms(terms)
-        return LMDistiller(student, use_teacher, terms, cfg.distill.temperature, alignment=alignment)
+        from kdkit.distill.lm_features import build_lm_features
+
+        features = build_lm_features(student, use_teacher, terms, cross, cfg.distill.projector_lr, cfg.train.lr)
+        return LMDistiller(student, use_teacher, terms, cfg.distill.temperature, alignment=alignment,
+                           features=features, projector_lr=cfg.distill.projector_lr)
 
     def export(self, cfg, student, data, out_dir: Path) -> Path:
         from kdkit.models.lora import save_causal_lm

@@ -96,8 +96,10 @@ class VLMTask(LMTask):
             lm = apply_lora(lm, cfg.student.lora)
         use_teacher = None if baseline else teacher
         if getattr(use_teacher, "cached", False):  # its stored rows (in the student's vocabulary) in the fused losses
-            return VLMDistiller(VLMStudent(lm, freeze_vision=cfg.vlm.freeze_vision), use_teacher, cfg.distill.terms,
-                                cfg.distill.temperature, vocab_rows=use_teacher.vocab_rows)
+            student = VLMStudent(lm, freeze_vision=cfg.vlm.freeze_vision)
+            use_teacher.check_student(student.vocab_rows)
+            return VLMDistiller(student, use_teacher, cfg.distill.terms, cfg.distill.temperature,
+                                vocab_rows=use_teacher.vocab_rows)
         vision = cfg.vlm.vision_feature_weight if use_teacher is not None else 0.0
         student = VLMStudent(lm, freeze_vision=cfg.vlm.freeze_vision,
                              projector_to=use_teacher.hidden_size if vision else None)

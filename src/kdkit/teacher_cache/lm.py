@@ -140,6 +140,12 @@ class CachedLMTeacher:
         self.reader, self.settings = reader, settings
         self.vocab_rows, self.temperature = settings["vocab_rows"], settings["temperature"]
 
+    def check_student(self, student_rows: int) -> None:
+        """The cache's ids index the student's head: refuse a student with fewer rows than the cache was made for."""
+        if student_rows < self.vocab_rows:
+            raise UserError(f"teacher.cache: {self.reader.dir} holds token ids over {self.vocab_rows} vocabulary rows "
+                            f"but the student's head has {student_rows}; make the cache again for this student")
+
     def rows(self, index: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(ids int64 (K, k), log-probs float32 (K, k), log rest float32 (K,)) of samples `index` in order, then the
         sampled tail (ids int64 (K, s), negative entropy (K,)) when the cache has one; DataError when a sample's
