@@ -31,9 +31,12 @@ from kdkit.losses.divergence import DIVERGENCE_KINDS, _per_position, compute_dty
 def topk_log_probs(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0) -> tuple[torch.Tensor, ...]:
     """(ids (..., k) int64, log-probs (..., k), log of the remaining mass (...)) of softmax(teacher_logits / T), in
     descending order of probability; the remaining mass is -inf when k covers the whole vocabulary."""
-    log_p = F.log_softmax(teacher_logits.to(compute_dtype(teacher_logits)) / temperature, -1)  # (..., V)
-    k = min(k, log_p.shape[-1])
-    values, ids = log_p.topk(k, dim=-1)  # (..., k)
+    return topk_of(F.log_softmax(teacher_logits.to(compute_dtype(teacher_logits)) / temperature, -1), k)
+
+
+def topk_of(log_p: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+    """`topk_log_probs` of log-probabilities already taken (e.g. shared with `sample_tail`)."""
+    values, ids = log_p.topk(min(k, log_p.shape[-1]), dim=-1)  # (..., k)
     return ids, values, _log_rest(log_p, ids)
 
 

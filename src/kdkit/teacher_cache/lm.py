@@ -21,7 +21,8 @@ import torch
 
 from kdkit.distill.lm import next_token_targets
 from kdkit.errors import DataError, UserError
-from kdkit.losses.sparse import sample_tail, topk_log_probs
+from kdkit.losses.divergence import compute_dtype
+from kdkit.losses.sparse import sample_tail, topk_of
 
 SHIFT = 32768  # int16 holds id - SHIFT for ids below 65536
 
@@ -106,10 +107,10 @@ def compute_shard(forward, dataset, start: int, end: int, *, k: int, temperature
         head = head[:vocab_rows]
         for c in range(0, rows.shape[0], chunk_rows):
             logits = rows[c:c + chunk_rows] @ head.T
-            tid, lp, rest = topk_log_probs(logits, k, temperature)
+            log_p = torch.log_softmax(logits.to(compute_dtype(logits)) / temperature, -1)  # once, for both
+            tid, lp, rest = topk_of(log_p, k)
             if tail_samples:
-                log_p = torch.log_softmax(logits.float() / temperature, -1)
-                drawn, negent = sample_tail(log_p, tid, rest.float(), tail_samples, generator)
+                drawn, negent = sample_tail(log_p, tid, rest, tail_samples, generator)
                 tail_out.append(drawn.cpu())
                 negent_out.append(negent.cpu())
             ids_out.append(tid.cpu())
